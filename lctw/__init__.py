@@ -1,0 +1,1 @@
+"""lctw: long-context token weighting."""
