@@ -1,0 +1,279 @@
+"""Step 1 of the method: short-context log-probs and the scorers that produce them.
+
+``short_context_logprobs(model, input_ids, n, mode)`` returns log p(x_i | at most n preceding tokens)
+for every target x_2 … x_T, in one of two modes:
+
+* ``chunked`` (paper parity): windows of n tokens every ``stride`` tokens (``unfold``), the first
+  token of every window replaced by BOS when the sequence starts with BOS; the first window gives
+  targets 2 … n, every later window its last ``stride`` targets. A target sees n - stride … n tokens.
+  When (T - n) is not a multiple of the stride, one extra window ending at T covers the rest.
+  Exactly equal to running each window on its own (tested against that brute force).
+* ``window`` (one pass, sliding-window attention): in every layer, the query that predicts x_i sees
+  only the n positions before x_i (keys q - n < k <= q), plus BOS with ``sink=True`` at its true
+  distance (position 0). With one layer this *is* each target on its own n-token window, because RoPE
+  depends only on relative distance (tested against brute force). With L layers it is not: hidden
+  states of the window's positions already carry information from up to n - 1 positions further back,
+  so x_i's prediction can depend on the last L·(n - 1) + 1 tokens. No single pass of length T can be
+  exact for L > 1 (each window needs its own hidden states: T·n of them); ``window`` is instead exactly
+  the model run with sliding-window attention of width n (tested against transformers' Mistral
+  sliding-window implementation with the same weights). The first n targets are exact in both modes.
+
+The scorers (``conf/scorer``) choose θ': ``none`` (uniform baseline), ``self`` (θ itself, context cut
+to n), ``frozen`` (θ0 before context extension, fixed) and ``small`` (another model, same vocabulary).
+The long-context log-probs always come from the current θ (the training forward pass).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor
+
+MODES = ("chunked", "window")
+
+
+def logprobs_of(logits: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(logits)[targets] in float32; logits (B, T, V), targets (B, T) -> (B, T)."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def model_logprobs(model, input_ids: Tensor, **kwargs) -> Tensor:
+    """Log-probs of ``input_ids[:, 1:]`` under ``model`` given everything before them: (B, T-1)."""
+    logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1]
+    return logprobs_of(logits, input_ids[:, 1:])
+
+
+def default_stride(n: int, max_len: int) -> int:
+    """The paper's stride (1 - n/N)·n, giving N/n extra window passes (6144 for 8192 -> 32768)."""
+    return max(1, int(round((1 - n / max_len) * n)))
+
+
+def check_scoring_args(n: int, mode: str, stride: int | None, key: str = "scorer") -> None:
+    if mode not in MODES:
+        raise ValueError(f"{key}.mode={mode!r} is not allowed: choose one of {list(MODES)}")
+    if n < 2:
+        raise ValueError(f"{key}.n={n} is out of range: the short context needs n >= 2 tokens")
+    if stride is not None and not 1 <= stride <= n - 1:
+        raise ValueError(
+            f"{key}.stride={stride} does not fit windows of n={n} tokens: allowed 1 … {n - 1} "
+            "(a window of n tokens holds n - 1 targets), or null for the paper's (1 - n/N)·n"
+        )
+
+
+def short_context_logprobs(
+    model,
+    input_ids: Tensor,
+    n: int,
+    mode: str = "chunked",
+    stride: int | None = None,
+    sink: bool = False,
+    bos_token_id: int | None = None,
+    skip_shared: bool = False,
+) -> Tensor:
+    """log p(x_i | at most n preceding tokens) for ``input_ids[:, 1:]``: (B, T-1) float32, no grad.
+
+    ``stride`` (chunked) defaults to the paper's rule for N = T. ``bos_token_id`` defaults to the
+    model config's. ``skip_shared=True`` does not compute the first :func:`shared_targets` targets
+    (their context equals the full one) and leaves them as NaN for the caller to fill.
+    """
+    check_scoring_args(n, mode, stride)
+    t = input_ids.shape[1]
+    if bos_token_id is None:
+        bos_token_id = getattr(model.config, "bos_token_id", None)
+    with torch.no_grad():
+        if mode == "window" and t <= n + 1:
+            out = model_logprobs(model, input_ids)  # every target already sees at most n tokens
+        elif mode == "window":
+            out = _window(model, input_ids, n, sink)
+        else:
+            out = _chunked(model, input_ids, n, stride or default_stride(n, t), bos_token_id, skip_shared)
+    if skip_shared:
+        out[:, : shared_targets(mode, n)] = float("nan")
+    return out
+
+
+def shared_targets(mode: str, n: int) -> int:
+    """How many leading targets see exactly the full context in ``mode`` (their score is 0).
+
+    window: targets x_2 … x_{n+1} see all their min(i - 1, n) = i - 1 predecessors. chunked: the first
+    window is the sequence's own first n tokens, so targets x_2 … x_n.
+    """
+    return n if mode == "window" else n - 1
+
+
+def _chunked(model, ids: Tensor, n: int, stride: int, bos: int | None, skip_first: bool) -> Tensor:
+    b, t = ids.shape
+    if t <= n:
+        return model_logprobs(model, ids)
+    starts = list(range(0, t - n + 1, stride))
+    remainder = (t - n) - starts[-1]
+    if remainder:
+        starts.append(t - n)
+    windows = torch.stack([ids[:, s : s + n] for s in starts], dim=1).clone()  # (B, W, n)
+    if bos is not None:
+        has_bos = ids[:, 0] == bos
+        windows[:, :, 0] = torch.where(has_bos[:, None], torch.full_like(windows[:, :, 0], bos), windows[:, :, 0])
+    first = 1 if skip_first else 0
+    lp = model_logprobs(model, windows[:, first:].reshape(-1, n)).view(b, len(starts) - first, n - 1)
+    pieces = [] if skip_first else [lp[:, 0]]
+    for w in range(max(first, 1), len(starts)):
+        keep = remainder if (remainder and w == len(starts) - 1) else stride
+        pieces.append(lp[:, w - first, n - 1 - keep :])
+    if skip_first:
+        pieces.insert(0, torch.full((b, n - 1), float("nan"), device=ids.device))
+    return torch.cat(pieces, dim=1)
+
+
+def window_mask(t: int, n: int, sink: bool, device=None) -> Tensor:
+    """(T, T) bool: query q may see key k iff q - n < k <= q (n keys), or k = 0 with a sink."""
+    q = torch.arange(t, device=device)[:, None]
+    k = torch.arange(t, device=device)[None, :]
+    allowed = (k <= q) & (q - k < n)
+    if sink:
+        allowed |= k == 0
+    return allowed
+
+
+def _window(model, ids: Tensor, n: int, sink: bool) -> Tensor:
+    allowed = window_mask(ids.shape[1], n, sink, ids.device)[None, None]
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl == "eager":  # eager attention adds the mask to the scores
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    elif impl == "sdpa":
+        mask = allowed
+    else:
+        raise ValueError(
+            f"scorer.mode=window needs model.attn_implementation in ['sdpa', 'eager'], got {impl!r}; "
+            "use scorer.mode=chunked with this attention implementation"
+        )
+    return model_logprobs(model, ids, attention_mask=mask)
+
+
+def brute_force_logprobs(model, input_ids: Tensor, n: int, sink: bool = False) -> Tensor:
+    """The reference: one forward pass per target on its own context of at most n tokens."""
+    b, t = input_ids.shape
+    out = torch.empty(b, t - 1)
+    with torch.no_grad():
+        for i in range(1, t):
+            lo = max(0, i - n)
+            ctx, pos = input_ids[:, lo:i], torch.arange(lo, i)
+            if sink and lo > 0:
+                ctx = torch.cat([input_ids[:, :1], ctx], dim=1)
+                pos = torch.cat([torch.zeros(1, dtype=torch.long), pos])
+            # An explicit causal mask: transformers reads a jump in position_ids as a packed-sequence
+            # boundary and would otherwise hide the sink from the window.
+            causal = torch.ones(len(pos), len(pos), dtype=torch.bool).tril()[None, None]
+            logits = model(input_ids=ctx, position_ids=pos[None].expand(b, -1), attention_mask=causal,
+                           use_cache=False).logits
+            out[:, i - 1] = logprobs_of(logits[:, -1:], input_ids[:, i : i + 1])[:, 0]
+    return out
+
+
+class Scorer:
+    """Base: holds n, mode, stride and sink, validated where they are defined."""
+
+    def __init__(self, n: int, max_len: int, mode: str = "chunked", stride: int | None = None,
+                 sink: bool = False):
+        check_scoring_args(n, mode, stride)
+        if n >= max_len:
+            raise ValueError(f"n={n} must be smaller than N={max_len} (the short context is a part of the long)")
+        self.n, self.max_len, self.mode, self.sink = int(n), int(max_len), mode, bool(sink)
+        self.stride = int(stride) if stride is not None else default_stride(n, max_len)
+
+    name = "scorer"
+    uses_model = True
+
+    def setup(self, model) -> None:
+        """Called once with θ before context extension (frozen scorers copy it here)."""
+
+    def to(self, device) -> Scorer:
+        return self
+
+    def __call__(self, model, input_ids: Tensor, long_logprobs: Tensor) -> Tensor | None:
+        raise NotImplementedError
+
+    def _score(self, scorer_model, input_ids: Tensor, skip_shared: bool = False) -> Tensor:
+        was_training = scorer_model.training
+        scorer_model.eval()
+        try:
+            return short_context_logprobs(scorer_model, input_ids, self.n, self.mode, self.stride,
+                                          self.sink, skip_shared=skip_shared)
+        finally:
+            scorer_model.train(was_training)
+
+
+class NoScorer(Scorer):
+    """The uniform baseline: no short-context model, no scores."""
+
+    name = "none"
+    uses_model = False
+
+    def __init__(self, n: int = 2, max_len: int = 4, **_):
+        self.n, self.max_len = int(n), int(max_len)
+
+    def __call__(self, model, input_ids, long_logprobs):
+        return None
+
+
+class SelfScorer(Scorer):
+    """θ itself with its context cut to n ("unfrozen"); no extra memory, no gradient.
+
+    Targets whose short context equals the full one reuse the training pass's log-probs (score 0)
+    instead of being recomputed; in chunked mode the first window is not run at all.
+    """
+
+    name = "self"
+
+    def __call__(self, model, input_ids, long_logprobs):
+        short = self._score(model, input_ids, skip_shared=True)
+        k = shared_targets(self.mode, self.n)
+        short[:, :k] = long_logprobs[:, :k].detach().float()
+        return short
+
+
+class FrozenScorer(Scorer):
+    """θ0: a fixed copy of the model taken before context extension (original RoPE, eval mode)."""
+
+    name = "frozen"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model = None
+
+    def setup(self, model) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def to(self, device):
+        if self.model is not None:
+            self.model.to(device)
+        return self
+
+    def __call__(self, model, input_ids, long_logprobs):
+        return self._score(self.model, input_ids)
+
+
+class SmallScorer(FrozenScorer):
+    """A separate (smaller) pretrained model with the same vocabulary: weak-to-strong scoring.
+
+    ``model`` is a model spec from ``conf/model`` (``lctw.models``); its tokenizer must have the same
+    vocabulary as the trained model's, which :func:`lctw.config.validate` checks before any model loads.
+    """
+
+    name = "small"
+
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spec = model
+
+    def setup(self, model) -> None:
+        small = self.spec.load()
+        if small.config.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"scorer=small: scorer.model has vocab_size {small.config.vocab_size}, the trained model "
+                f"{model.config.vocab_size}; the small scorer must share the tokenizer and vocabulary"
+            )
+        self.model = small.eval().requires_grad_(False)
