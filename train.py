@@ -1,0 +1,21 @@
+"""Train one configuration (or a sweep with -m) of lctw.
+
+    python train.py                                          # the CPU default experiment
+    python train.py -m weighting=dense,sparse scorer=frozen,self
+    python train.py experiment=paper_llama3 trainer=gpu
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from lctw.experiment import run
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run(cfg)
+    return metrics.get("val/ce")
+
+
+if __name__ == "__main__":
+    main()
