@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,13 +52,23 @@ def check_lengths(cfg: DictConfig) -> None:
         raise ValueError(f"n={n} must be smaller than N={big_n}: allowed 2 <= n < N (context extension n -> N)")
 
 
+def _build(node: DictConfig, **kwargs):
+    """instantiate(), re-raising a constructor's own ValueError (which names the key) unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ValueError):
+            raise err.__cause__ from None
+        raise
+
+
 def build_parts(cfg: DictConfig) -> Parts:
     """Instantiate the cheap parts (their constructors validate) and check vocabularies; no weights."""
     check_lengths(cfg)
-    weighting = instantiate(cfg.weighting)
-    context = instantiate(cfg.context)
-    scorer = instantiate(cfg.scorer)
-    model_spec = instantiate(cfg.model)
+    weighting = _build(cfg.weighting)
+    context = _build(cfg.context)
+    scorer = _build(cfg.scorer)
+    model_spec = _build(cfg.model)
     tokenizer = model_spec.tokenizer()
     if getattr(scorer, "spec", None) is not None:
         small_vocab = scorer.spec.tokenizer().get_vocab()
@@ -102,7 +113,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
         run_dir = HydraConfig.get().runtime.output_dir
     run_dir = Path(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data, tokenizer=parts.tokenizer)
+    datamodule = _build(cfg.data, tokenizer=parts.tokenizer)
     try:
         # Called, not instantiated with the config as a kwarg: Hydra would instantiate its _target_s.
         logger = instantiate(cfg.logger, _partial_=True)(save_dir=str(run_dir), name=run_name(cfg),

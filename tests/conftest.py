@@ -21,9 +21,10 @@ CONF = os.path.join(ROOT, "conf")
 
 def tiny_llama(layers: int = 2, vocab: int = 64, seed: int = 0, attn: str = "sdpa", **kw) -> LlamaForCausalLM:
     torch.manual_seed(seed)
+    kw = {"max_position_embeddings": 64, **kw}
     config = LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=64, vocab_size=vocab, bos_token_id=1, eos_token_id=2,
-                         max_position_embeddings=64, attn_implementation=attn, **kw)
+                         attn_implementation=attn, **kw)
     return LlamaForCausalLM(config).eval()
 
 

@@ -1,0 +1,113 @@
+"""Every YAML in conf/ composes and instantiates; bad options stop before any model loads."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF, compose
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import open_dict
+
+from lctw import loggers, models
+from lctw.experiment import build_parts
+
+GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONF).iterdir() if p.is_dir()}
+REQUIRED = {("model", "hf"): ["model.name_or_path=some/model"], ("data", "files"): ["data.path=docs/"]}
+CHEAP = ("weighting", "context", "scorer", "model")
+
+
+def test_every_group_has_its_options():
+    assert GROUPS["weighting"] == ["dense", "longce", "npmi", "ppmi", "sparse", "uniform"]
+    assert GROUPS["scorer"] == ["frozen", "none", "self", "small"]
+    assert GROUPS["context"] == ["dynamic", "linear", "llama3", "none", "theta", "yarn"]
+    assert GROUPS["logger"] == ["csv", "none", "wandb"]
+    assert {"cpu", "gpu", "ddp"} <= set(GROUPS["trainer"])
+    assert {"tiny", "hf", "llama3_8b", "phi2"} <= set(GROUPS["model"])
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() if g != "hydra" for o in opts])
+def test_every_option_composes_and_instantiates(group, option, tmp_path):
+    overrides = [f"{group}={option}", *REQUIRED.get((group, option), [])]
+    if group == "scorer" and option == "none" or group == "weighting" and option != "uniform":
+        overrides += ["scorer=frozen"] if group == "weighting" else ["weighting=uniform"]
+    cfg = compose(overrides, cache=str(tmp_path))
+    for key in CHEAP:
+        assert instantiate(cfg[key]) is not None
+    data = instantiate(cfg.data, tokenizer=None)
+    assert data.max_len == cfg.N
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = instantiate(cfg.optimizer)(params)
+    instantiate(cfg.scheduler)(optimizer)
+    trainer_overrides = {} if cfg.trainer.accelerator == "cpu" else {"accelerator": "cpu", "precision": "32-true",
+                                                                      "devices": 1, "strategy": "auto"}
+    instantiate(cfg.trainer, **trainer_overrides, logger=False, enable_progress_bar=False)
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    assert all(isinstance(c, ModelCheckpoint) for c in callbacks)
+    logger = instantiate(cfg.logger, _partial_=True)(save_dir=str(tmp_path), name="t", group=None,
+                                                     hparams={"a": 1})
+    loggers.finish()
+    assert logger is False or logger.save_dir is not None
+
+
+@pytest.mark.parametrize("experiment", GROUPS["experiment"])
+def test_experiments_compose_as_deltas(experiment, tmp_path):
+    cfg = compose([f"experiment={experiment}"], cache=str(tmp_path))
+    for key in CHEAP:
+        instantiate(cfg[key])
+    if experiment == "paper_llama3":
+        assert (cfg.n, cfg.N, cfg.scorer.stride, cfg.context.rope_theta) == (8192, 32768, 6144, 15300000)
+        assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accumulate_grad_batches == 16
+        assert cfg.weighting.lam == 0.75 and cfg.optimizer.lr == 2e-5
+
+
+def test_group_interpolations_follow_n_and_N(tmp_path):
+    cfg = compose(["n=100", "N=800", "context=yarn", "scorer=self"], cache=str(tmp_path))
+    assert cfg.context.factor == 8.0 and cfg.context.original_max_position_embeddings == 100
+    assert (cfg.scorer.n, cfg.scorer.max_len, cfg.data.max_len) == (100, 800, 800)
+
+
+BAD = [
+    (["weighting.lam=1.5"], r"weighting\.lam=1\.5 is out of range: allowed \[0, 1\]"),
+    (["weighting=sparse", "weighting.kappa=0"], r"weighting\.kappa=0 is out of range: allowed \(0, 1\]"),
+    (["weighting=longce", "weighting.gamma=0"], r"weighting\.gamma=0 is out of range: allowed > 0"),
+    (["n=1024", "N=1024"], r"n=1024 must be smaller than N=1024"),
+    (["scorer.stride=256"], r"scorer\.stride=256 does not fit windows of n=256 tokens: allowed 1 … 255"),
+    (["scorer=none"], r"weighting=dense needs a scorer: scorer=none allows only weighting=uniform"),
+    (["scorer.mode=exact"], r"scorer\.mode='exact' is not allowed: choose one of \['chunked', 'window'\]"),
+]
+
+
+@pytest.mark.parametrize("overrides, match", BAD)
+def test_bad_input_stops_before_any_model_loads(overrides, match, tmp_path, monkeypatch):
+    monkeypatch.setattr(models.HFModel, "load", lambda self: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(models.HFModel, "tokenizer", lambda self: pytest.fail("a tokenizer was loaded"))
+    with pytest.raises(ValueError, match=match):
+        build_parts(compose(overrides, cache=str(tmp_path)))
+
+
+def test_unknown_group_option_lists_the_allowed_values(tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["weighting=fancy"], cache=str(tmp_path))
+    message = str(err.value)
+    assert "weighting/fancy" in message
+    for option in ("dense", "sparse", "longce", "ppmi", "npmi", "uniform"):
+        assert option in message
+
+
+def test_small_scorer_with_another_vocabulary_is_refused_before_loading(cache_dir, tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["another vocabulary entirely"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(tmp_path)
+    monkeypatch.setattr(models.HFModel, "load", lambda self: pytest.fail("a model was loaded"))
+    cfg = compose(["scorer=small"], cache=cache_dir)
+    with open_dict(cfg):
+        cfg.scorer.model = {"_target_": "lctw.models.HFModel", "name_or_path": str(tmp_path)}
+    with pytest.raises(ValueError, match=r"scorer=small: scorer\.model .* different vocabulary"):
+        build_parts(cfg)
