@@ -93,6 +93,8 @@ def run_worker(args: argparse.Namespace) -> dict:
         "peak_bytes": peak,
         "times_s": times,
         "median_s": statistics.median(times),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
 
 
