@@ -1,0 +1,183 @@
+"""Memory-light per-token log-probabilities of the LM head, and the token-weighted loss.
+
+Why not just ``log_softmax(lm_head(hidden))``? At long context the LM head dominates activation memory.
+With T = 32k tokens and V = 128k vocabulary the naive path holds, in float32,
+
+* the logits (T x V, 16 GiB),
+* the ``log_softmax`` output, saved for its backward (another 16 GiB),
+* and during backward the gradient w.r.t. that output and w.r.t. the logits (16 GiB or more each),
+
+i.e. several T x V float buffers that dwarf the rest of the model's activations. But the loss only needs
+one number per token: ``log p(target) = logit[target] - logsumexp(logits)``.
+
+:class:`_ChunkedTokenLogprobs` therefore processes the flattened ``B*T`` rows in chunks. Forward computes one
+chunk's logits, keeps only its logsumexp (one float per row) and target logit, and drops the logits. Backward
+recomputes each chunk's logits (one extra matmul, the usual recompute-for-memory trade) and turns them, in
+place, into ``dL/dlogits = g * (onehot(target) - softmax)``, which it immediately contracts into the
+gradients of ``hidden``, ``weight`` and ``bias``. At most one (chunk, V) float32 buffer is alive at a time,
+plus float32 copies of ``weight`` (a no-op when it is already float32, e.g. under bf16-mixed) and its
+gradient accumulator: O(chunk*V + V*D) instead of O(T*V).
+
+Numerics: the matmul, softmax and all accumulations run in float32 (float64 if the inputs are float64, which
+lets ``torch.autograd.gradcheck`` verify the hand-written backward); autocast is disabled inside so a
+surrounding ``bf16-mixed`` context cannot silently drop the logits to bf16. Gradients are returned in the
+inputs' dtypes. Plain eager code: ``torch.compile`` is not assumed to be available.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["token_logprobs", "weighted_loss"]
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float32 for half/bf16/float32 inputs; float64 only if some input is float64."""
+    is_double = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if is_double else torch.float32
+
+
+def _safe_targets(targets: Tensor, vocab_size: int) -> Tensor:
+    """Flattened int64 targets with out-of-range ids (e.g. the -100 padding id) replaced by 0.
+
+    The log-prob returned for such rows is meaningless; the caller masks them (its upstream grad is 0).
+    """
+    targets = targets.reshape(-1).long()
+    return targets.masked_fill((targets < 0) | (targets >= vocab_size), 0)
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log p(target | hidden) for rows of ``hidden`` (N, D), never holding more than one chunk of logits.
+
+    Saves only the inputs and the per-row logsumexp (N floats), not the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, chunk_size: int):
+        dtype = _compute_dtype(hidden, weight, bias)
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=dtype, device=hidden.device)
+        lse = torch.empty(n, dtype=dtype, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for s in range(0, n, chunk_size):
+                e = min(s + chunk_size, n)
+                logits = _logits(hidden[s:e].to(dtype), w, b)  # (c, V): the only large buffer
+                target_logit = logits.gather(1, targets[s:e, None]).squeeze(1)
+                # logsumexp in place, so no second (c, V) temporary is allocated.
+                row_max = logits.amax(dim=1)
+                logits.sub_(row_max[:, None]).exp_()
+                lse[s:e] = row_max + logits.sum(dim=1).log()
+                out[s:e] = target_logit - lse[s:e]
+                del logits
+        ctx.save_for_backward(hidden, weight, targets, bias, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, targets, bias, lse = ctx.saved_tensors
+        need_h, need_w, _, need_b, _ = ctx.needs_input_grad
+        dtype = lse.dtype
+        n = hidden.shape[0]
+        g = grad_out.reshape(-1).to(dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            # Accumulate over chunks in the compute dtype even when weight is bf16: summing thousands of
+            # per-chunk contributions in bf16 would lose most of the gradient's precision.
+            grad_w = torch.zeros_like(w, dtype=dtype) if need_w else None
+            grad_b = torch.zeros_like(b, dtype=dtype) if need_b else None
+            for s in range(0, n, ctx.chunk_size):
+                e = min(s + ctx.chunk_size, n)
+                h = hidden[s:e].to(dtype)
+                # Recompute the logits and turn them in place into dL/dlogits = g * (onehot - softmax).
+                grad_logits = _logits(h, w, b)
+                grad_logits.sub_(lse[s:e, None]).exp_().mul_(-g[s:e, None])
+                grad_logits.scatter_add_(1, targets[s:e, None], g[s:e, None])
+                if need_h:
+                    grad_h[s:e] = grad_logits @ w  # cast to hidden's dtype on copy
+                if need_w:
+                    grad_w.addmm_(grad_logits.t(), h)
+                if need_b:
+                    grad_b += grad_logits.sum(dim=0)
+                del grad_logits
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, None, grad_b, None
+
+
+def _naive_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None) -> Tensor:
+    """Reference path: full (N, V) logits and log_softmax, differentiated by autograd."""
+    dtype = _compute_dtype(hidden, weight, bias)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = _logits(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    chunk_size: int | None = 1024,
+) -> Tensor:
+    """Per-token ``log p(target | hidden)`` under the LM head ``logits = hidden @ weight.T + bias``.
+
+    Args:
+        hidden: (B, T, D) final hidden states, any float dtype (e.g. bf16).
+        weight: (V, D) LM-head weight.
+        targets: (B, T) int64 token ids. Ids outside [0, V) (e.g. -100 padding) are scored as id 0; the
+            caller must mask those positions (see :func:`weighted_loss`).
+        bias: optional (V,) LM-head bias.
+        chunk_size: rows of the flattened B*T per chunk; peak extra memory is ~chunk_size * V floats.
+            ``None`` selects the naive full-logits path (reference for tests and benchmarks).
+
+    Returns:
+        (B, T) float32 log-probabilities (float64 if the inputs are float64), differentiable w.r.t.
+        ``hidden``, ``weight`` and ``bias``.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    batch_shape = hidden.shape[:-1]
+    if targets.shape != batch_shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} != hidden.shape[:-1] {tuple(batch_shape)}")
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = _safe_targets(targets, weight.shape[0])
+    if chunk_size is None:
+        out = _naive_token_logprobs(flat_hidden, weight, flat_targets, bias)
+    else:
+        out = _ChunkedTokenLogprobs.apply(flat_hidden, weight, flat_targets, bias, chunk_size)
+    return out.reshape(batch_shape)
+
+
+def weighted_loss(logprobs: Tensor, weights: Tensor | None, mask: Tensor) -> Tensor:
+    """Token-weighted NLL: ``sum(mask * w * -logprobs) / mask.sum()``.
+
+    Args:
+        logprobs: (B, T) log p(target), e.g. from :func:`token_logprobs`.
+        weights: (B, T) per-token weights, or ``None`` for uniform weights (plain mean NLL). They are
+            detached: weights are a fixed importance signal, not something to optimise, so no gradient
+            flows into whatever computed them.
+        mask: (B, T) bool or 0/1 tensor, true/1 for positions that count.
+
+    Masked positions are excluded with ``torch.where`` rather than only multiplied by 0, so a garbage value
+    there (e.g. -inf log-prob of a padding target or a NaN weight) can't turn the loss or its gradient into
+    NaN. The denominator is clamped to 1 so an all-masked batch gives 0 instead of NaN.
+    """
+    valid = mask != 0
+    mask_f = mask.to(torch.float32)
+    scale = mask_f  # per-token factor mask * w, zero (never NaN) at masked positions
+    if weights is not None:
+        scale = scale * torch.where(valid, weights.detach().to(torch.float32), 0.0)
+    logprobs = torch.where(valid, logprobs.to(torch.float32), 0.0)
+    return -(scale * logprobs).sum() / mask_f.sum().clamp(min=1.0)
