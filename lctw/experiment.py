@@ -121,7 +121,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
                                                          hparams=OmegaConf.to_container(cfg, resolve=True))
         model = parts.model_spec.load()
         module = TokenWeightingLM(model, parts.scorer, parts.weighting, parts.context, n=cfg.n,
-                                  optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
+                                  optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
+                                  chunk_size=cfg.chunk_size)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         for cb in callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:

@@ -22,16 +22,9 @@ import torch
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
+from lctw.loss import weighted_loss
 from lctw.scoring import NoScorer, Scorer, model_logprobs
 from lctw.weighting import Uniform, Weighting
-
-
-def weighted_loss(logprobs: Tensor, weights: Tensor | None, mask: Tensor) -> Tensor:
-    """Σ mask · w · (−log p) / Σ mask; gradients flow through the log-probs only."""
-    nll = -logprobs * mask
-    if weights is not None:
-        nll = nll * weights.detach()
-    return nll.sum() / mask.sum().clamp_min(1)
 
 
 def weight_stats(weights: Tensor, mask: Tensor, n: int) -> dict[str, Tensor]:
@@ -63,6 +56,7 @@ class TokenWeightingLM(L.LightningModule):
         n: int = 0,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
+        chunk_size: int | None = 1024,
     ):
         super().__init__()
         self.model = model
@@ -71,6 +65,7 @@ class TokenWeightingLM(L.LightningModule):
         if self.weighting.needs_scores and not self.scorer.uses_model:
             raise ValueError(f"weighting={self.weighting.name} needs a scorer: scorer=none allows only weighting=uniform")
         self.n = int(n or self.scorer.n)
+        self.chunk_size = chunk_size  # rows per LM-head chunk in the loss (None = full logits)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scorer.setup(model)  # before context extension: a frozen θ0 keeps the original RoPE
@@ -91,7 +86,7 @@ class TokenWeightingLM(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         ids, mask = batch["input_ids"], batch["mask"]
-        long_lp = model_logprobs(self.model, ids)
+        long_lp = model_logprobs(self.model, ids, self.chunk_size)
         short_lp = self.scorer(self.model, ids, long_lp.detach())
         weights = self.weighting(long_lp, short_lp, mask)
         loss = weighted_loss(long_lp, weights, mask)
@@ -108,7 +103,7 @@ class TokenWeightingLM(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         ids, mask = batch["input_ids"], batch["mask"]
-        nll = -model_logprobs(self.model, ids)
+        nll = -model_logprobs(self.model, ids, self.chunk_size)
         beyond = (torch.arange(mask.shape[1], device=mask.device) >= self.n)[None].expand_as(mask)
         for key, sel in (("all", mask), ("within_n", mask & ~beyond), ("beyond_n", mask & beyond)):
             if sel.any():

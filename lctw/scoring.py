@@ -30,6 +30,8 @@ import copy
 import torch
 from torch import Tensor
 
+from lctw.loss import token_logprobs
+
 MODES = ("chunked", "window")
 
 
@@ -39,10 +41,20 @@ def logprobs_of(logits: Tensor, targets: Tensor) -> Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def model_logprobs(model, input_ids: Tensor, **kwargs) -> Tensor:
-    """Log-probs of ``input_ids[:, 1:]`` under ``model`` given everything before them: (B, T-1)."""
-    logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1]
-    return logprobs_of(logits, input_ids[:, 1:])
+def model_logprobs(model, input_ids: Tensor, chunk_size: int | None = 1024, **kwargs) -> Tensor:
+    """Log-probs of ``input_ids[:, 1:]`` under ``model`` given everything before them: (B, T-1) float32.
+
+    With ``chunk_size`` the LM head runs in chunks of rows (:func:`lctw.loss.token_logprobs`), so no
+    (T, V) logits tensor exists in forward or backward; ``None`` takes the model's full logits. Models
+    that post-process logits (soft-capping, a logit scale) always take the full logits.
+    """
+    head = model.get_output_embeddings()
+    post = any(getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+    if chunk_size is None or head is None or post or not hasattr(head, "weight"):
+        logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1]
+        return logprobs_of(logits, input_ids[:, 1:])
+    hidden = model.base_model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state[:, :-1]
+    return token_logprobs(hidden, head.weight, input_ids[:, 1:], getattr(head, "bias", None), chunk_size)
 
 
 def default_stride(n: int, max_len: int) -> int:
