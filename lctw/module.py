@@ -71,6 +71,7 @@ class TokenWeightingLM(L.LightningModule):
         self.scorer.setup(model)  # before context extension: a frozen θ0 keeps the original RoPE
         if context is not None:
             context.apply(model)
+        model.train()  # from_pretrained returns eval mode; gradient checkpointing only acts in train mode
         self.val_ce = torch.nn.ModuleDict({k: MeanMetric() for k in ("all", "within_n", "beyond_n")})
         self._last_batch_start: float | None = None
 

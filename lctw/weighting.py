@@ -13,7 +13,8 @@ the spec (Helm et al., 2025; LongCE of Fang et al., 2025):
     ppmi     s_i = max(long_i - short_i - log shift, 0), then sparse top-kappa
     npmi     s_i = max(short_i - long_i - log shift, 0), then sparse top-kappa
 
-    python -c "from lctw.weighting import Dense; import torch; print(Dense(0.5)(torch.zeros(1,3), torch.tensor([[0.,-1,-3]]), torch.ones(1,3,dtype=torch.bool)))"
+    >>> Dense(0.5)(torch.zeros(1, 3), torch.tensor([[0.0, -1.0, -3.0]]), torch.ones(1, 3, dtype=torch.bool))
+    tensor([[0.5000, 0.8750, 1.6250]])
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ def test_unknown_group_option_lists_the_allowed_values(tmp_path):
 
 
 def test_small_scorer_with_another_vocabulary_is_refused_before_loading(cache_dir, tmp_path, monkeypatch):
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(tok_models.BPE())
