@@ -191,6 +191,18 @@ def test_essay_needles_sit_at_sentence_boundaries(tok, task):
         assert "April 2012A palliative care nurse" in context  # the essays, from their beginning
 
 
+def test_needle_order_is_the_reference_fixed_shuffle(tok):
+    # The reference shuffles the needles with a fresh Random(seed): the 4 values of niah_multivalue
+    # (listed in generation order in `outputs`) appear in the same permuted order in every sample.
+    import random
+
+    order = list(range(4))
+    random.Random(42).shuffle(order)
+    for s in _samples(tok, "niah_multivalue", 2048):
+        positions = [s["input"].index(f" is: {v}.") for v in s["outputs"]]
+        assert sorted(range(4), key=positions.__getitem__) == order
+
+
 def test_depths_are_40_even_percentages():
     assert len(R.DEPTHS) == 40 and R.DEPTHS[0] == 0 and R.DEPTHS[-1] == 100
     assert R.DEPTHS[1] == 3 and R.DEPTHS[20] == 51
@@ -458,6 +470,12 @@ def test_postprocess_pred():
     assert metrics.postprocess_pred("  \tabc\x00def\x1fghi\n ") == "abc\ndef\nghi"
     assert metrics.postprocess_pred("a\tb") == "a\nb"
     assert metrics.postprocess_pred("\x7fé ü") == "\x7fé ü"  # only ASCII control characters 0-31
+
+
+def test_zeta_normaliser():
+    assert R._riemann_zeta(2.0) == pytest.approx(1.6449340668482264, abs=1e-15)
+    assert R._riemann_zeta(3.0) == pytest.approx(1.2020569031595942, abs=1e-14)
+    assert R._riemann_zeta(1.5) == pytest.approx(2.612375348685488, abs=1e-14)
 
 
 def test_task_table():

@@ -2,9 +2,9 @@
 tokenizer, plus a batched greedy-decoding runner.
 
 Why a re-implementation: published RULER numbers come from NVIDIA/RULER's generator
-(``scripts/data/synthetic``), and ports that drift from it (lm-eval's downloads different data,
-drops the CWE one-shot example, miscomputes ``string_match_part`` and ignores the chat template and
-answer prefix in the length budget) give scores that cannot be compared. This module follows the
+(``scripts/data/synthetic``), and ports that drift from it (lm-eval's downloads its data, drops the
+CWE one-shot example, miscomputes ``string_match_part`` and leaves the chat template and answer prefix
+out of the length budget) give scores that cannot be compared. This module follows the
 reference in everything that moves a score:
 
 * the prompts, answer prefixes, needle sentence, noise block and tokens to generate, verbatim;
@@ -25,10 +25,19 @@ process per task and length, seeded 42), so a dataset depends only on (task, len
 chat flag) and is byte-identical across runs. It is not byte-identical to the reference's own files:
 those depend on how many probes its search consumed from the same stream and on NLTK's splitter.
 
-Deliberate departures (none changes what a model is asked to do): the haystack size is searched exactly
-(binary search with interpolation) instead of the reference's coarse steps, and a sample that does not
-fit is shortened by the number of units its excess tokens need instead of a fixed step; variable
-names in VT are always distinct; the sentence splitter is a regex instead of punkt.
+Deliberate departures, none of which changes the task a model has to solve:
+
+* the haystack size is searched to within 0.1% of the budget with interpolation (the reference bisects
+  exactly, or for FWE steps by 1/32 of the length), and a sample that does not fit is rebuilt from the
+  same random draws with as many fewer units as its excess needs (the reference draws a new sample
+  with a fixed number of units fewer);
+* the budget counts BOS when the tokenizer adds one (the reference's count omits it: one token);
+* with a chat template, CWE's worked example becomes a previous user/assistant exchange (the reference
+  pastes a second copy of its model template); VT's example stays inside the user turn, as there;
+* HotpotQA below 10 documents keeps the supporting paragraphs (the reference cannot go that short);
+* VT variable names are always distinct; the sentence splitter is a regex instead of punkt;
+* CWE beyond the ~8.7k distinct wonderwords words (around 128k tokens) needs the reference's
+  ``english_words.json`` in ``data_dir``; without it the task reports a missing-data error.
 """
 
 from __future__ import annotations
