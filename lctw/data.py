@@ -133,7 +133,8 @@ class LongDocuments(L.LightningDataModule):
 
     def _load_files(self, hf_cache: str) -> datasets.Dataset:
         p = os.path.expanduser(self.path)
-        files = sorted(glob.glob(os.path.join(p, "**", "*"), recursive=True)) if os.path.isdir(p) else sorted(glob.glob(p))
+        pattern = os.path.join(p, "**", "*") if os.path.isdir(p) else p
+        files = sorted(glob.glob(pattern, recursive=True))
         files = [f for f in files if os.path.isfile(f)]
         kinds = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
         by_kind: dict[str, list[str]] = {}

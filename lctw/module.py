@@ -63,7 +63,9 @@ class TokenWeightingLM(L.LightningModule):
         self.scorer = scorer or NoScorer()
         self.weighting = weighting or Uniform()
         if self.weighting.needs_scores and not self.scorer.uses_model:
-            raise ValueError(f"weighting={self.weighting.name} needs a scorer: scorer=none allows only weighting=uniform")
+            raise ValueError(
+                f"weighting={self.weighting.name} needs a scorer: scorer=none allows only weighting=uniform"
+            )
         self.n = int(n or self.scorer.n)
         self.chunk_size = chunk_size  # rows per LM-head chunk in the loss (None = full logits)
         self.optimizer_factory = optimizer
