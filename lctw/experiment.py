@@ -80,6 +80,8 @@ def build_parts(cfg: DictConfig) -> Parts:
             )
     if weighting.needs_scores and not scorer.uses_model:
         raise ValueError(f"weighting={weighting.name} needs a scorer: scorer=none allows only weighting=uniform")
+    if cfg.get("eval"):
+        _build(cfg.eval)  # validates the evaluation's options before training starts
     return Parts(model_spec, scorer, weighting, context, tokenizer)
 
 
@@ -135,8 +137,73 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
             hf_dir = run_dir / "hf"
             module.model.save_pretrained(hf_dir)
             parts.tokenizer.save_pretrained(hf_dir)
+            if cfg.get("eval"):
+                evaluation = _build(cfg.eval)
+                metrics.update(evaluation(module.model, parts.tokenizer, run_dir / "eval", logger=logger,
+                                          datamodule=datamodule, n=cfg.n, N=cfg.N))
             (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         log.info("run finished: %s", json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("val")}))
+        return metrics
+    finally:
+        loggers.finish()
+
+
+def load_for_eval(cfg: DictConfig):
+    """(model, tokenizer, the run's config or None) for ``cfg.ckpt``: a run dir, a .ckpt or an HF model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lctw.models import DTYPES
+
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r} is not allowed: choose one of {list(DTYPES)}")
+    path = Path(str(cfg.ckpt)).expanduser()
+    run_dir = path.parent.parent if path.suffix == ".ckpt" else path
+    saved = run_dir / ".hydra" / "config.yaml"
+    run_cfg = OmegaConf.load(saved) if saved.exists() else None
+    if path.suffix == ".ckpt":
+        if run_cfg is None:
+            raise ValueError(f"ckpt={path}: no .hydra/config.yaml in {run_dir} to rebuild the model from")
+        spec = _build(run_cfg.model)
+        model = spec.load()
+        _build(run_cfg.context).apply(model)
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        tokenizer = spec.tokenizer()
+        model.to(DTYPES[cfg.dtype])
+    else:
+        source = path / "hf" if (path / "hf" / "config.json").exists() else (path if path.exists() else str(cfg.ckpt))
+        kwargs = {"gguf_file": cfg.gguf_file} if cfg.get("gguf_file") else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[cfg.dtype], **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer, run_cfg
+
+
+def evaluate(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """``eval.py``: evaluate ``cfg.ckpt`` with ``cfg.eval``; results go under the run (or Hydra) directory."""
+    evaluation = _build(cfg.eval)  # options are checked before any model loads
+    model, tokenizer, run_cfg = load_for_eval(cfg)
+    n, big_n, data_cfg = cfg.n, cfg.N, cfg.data
+    if run_cfg is not None:  # the run's own lengths and held-out documents
+        n, big_n = run_cfg.n, run_cfg.N
+        run_cfg.paths.cache = cfg.paths.cache
+        data_cfg = run_cfg.data  # interpolations resolve against the run's own config
+    if out_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        out_dir = HydraConfig.get().runtime.output_dir
+    out_dir = Path(out_dir)
+    datamodule = _build(data_cfg, tokenizer=tokenizer)
+    logger = None
+    try:
+        logger = instantiate(cfg.logger, _partial_=True)(save_dir=str(out_dir), name=run_name(cfg), group=None,
+                                                         hparams=OmegaConf.to_container(cfg, resolve=True))
+        metrics = evaluation(model, tokenizer, out_dir / "eval", logger=logger, datamodule=datamodule, n=n, N=big_n)
+        (out_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        log.info("evaluation written to %s", out_dir / "eval")
         return metrics
     finally:
         loggers.finish()

@@ -51,13 +51,16 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     assert logger is False or logger.save_dir is not None
 
 
+@pytest.mark.parametrize("scorer", ["frozen", "none"])
 @pytest.mark.parametrize("experiment", GROUPS["experiment"])
-def test_experiments_compose_as_deltas(experiment, tmp_path):
-    cfg = compose([f"experiment={experiment}"], cache=str(tmp_path))
+def test_experiments_compose_as_deltas(experiment, scorer, tmp_path):
+    extra = ["weighting=uniform"] if scorer == "none" else []
+    cfg = compose([f"experiment={experiment}", f"scorer={scorer}", *extra], cache=str(tmp_path))
     for key in CHEAP:
         instantiate(cfg[key])
-    if experiment == "paper_llama3":
-        assert (cfg.n, cfg.N, cfg.scorer.stride, cfg.context.rope_theta) == (8192, 32768, 6144, 15300000)
+    if experiment == "paper_llama3" and scorer == "frozen":
+        assert (cfg.n, cfg.N, cfg.context.rope_theta) == (8192, 32768, 15300000)
+        assert instantiate(cfg.scorer).stride == 6144  # the paper's (1 - n/N)·n
         assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accumulate_grad_batches == 16
         assert cfg.weighting.lam == 0.75 and cfg.optimizer.lr == 2e-5
 

@@ -11,19 +11,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from conftest import ROOT, SMALL, compose
 from transformers import AutoModelForCausalLM
 
 from lctw.experiment import run
 
 
-def test_default_experiment_end_to_end(cache_dir, tmp_path):
-    cfg = compose(SMALL, cache=cache_dir)
+@pytest.fixture(scope="module")
+def trained_run(cache_dir, tmp_path_factory):
+    """The default experiment, shortened, with the position-resolved perplexity at the end."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose([*SMALL, "eval=ppl"], cache=cache_dir)
     assert (cfg.scorer._target_, cfg.weighting._target_, cfg.context.method) == (
         "lctw.scoring.FrozenScorer", "lctw.weighting.Dense", "theta")
-    metrics = run(cfg, run_dir=tmp_path)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra does for train.py runs
+    return run_dir, run(cfg, run_dir=run_dir)
+
+
+def test_default_experiment_end_to_end(trained_run, cache_dir):
+    tmp_path, metrics = trained_run
     for key in ("train/loss", "train/ce", "train/weight_std", "train/weight_max", "train/weight_zero_frac",
                 "train/weight_ess", "train/weight_mass_beyond_n", "train/tokens_per_s", "val/ce", "val/ppl",
                 "val/ce_within_n", "val/ce_beyond_n"):
@@ -40,6 +51,33 @@ def test_default_experiment_end_to_end(cache_dir, tmp_path):
     assert exported.config.rope_parameters["rope_theta"] > 10000.0  # extended θ, not θ0
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any(k.startswith("scorer") for k in ckpt["state_dict"])  # θ0 is not saved with θ
+    # eval=ppl ran after training: CE by position bucket of width n up to N
+    table = pd.read_csv(tmp_path / "eval" / "position_ce.csv", index_col=0)
+    assert list(table.index) == ["0-32", "32-64", "64-96", "96-128"]
+    assert metrics["eval/ce/0-32"] == pytest.approx(table.loc["0-32", "ce"])
+    assert (tmp_path / "eval" / "position_ce.png").stat().st_size > 0
+
+
+def test_eval_py_on_a_run_directory_and_on_its_checkpoint(trained_run, cache_dir, tmp_path):
+    run_dir, _ = trained_run
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "LCTW_CACHE": cache_dir}
+    tasks = "[niah_single_1,niah_multikey_2]"
+    cmd = [sys.executable, "eval.py", f"ckpt={run_dir}", "eval=ruler", f"eval.tasks={tasks}", "eval.lengths=[512]",
+           "eval.samples=2", "logger=csv", f"hydra.run.dir={tmp_path}/ruler"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = pd.read_csv(tmp_path / "ruler" / "eval" / "ruler_scores.csv", index_col=0)
+    assert list(scores.index) == ["niah_single_1", "niah_multikey_2", "average"]
+    assert scores["512"].between(0, 100).all()
+    assert "eval/ruler/average/512" in json.loads((tmp_path / "ruler" / "eval_metrics.json").read_text())
+    # the Lightning checkpoint gives the same model as the exported one
+    cmd = [sys.executable, "eval.py", f"ckpt={run_dir}/checkpoints/last.ckpt", "eval=ppl", "logger=none",
+           f"hydra.run.dir={tmp_path}/ppl"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_ckpt = pd.read_csv(tmp_path / "ppl" / "eval" / "position_ce.csv", index_col=0)
+    from_train = pd.read_csv(run_dir / "eval" / "position_ce.csv", index_col=0)
+    pd.testing.assert_frame_equal(from_ckpt, from_train, rtol=1e-4)
 
 
 def test_multirun_sweeps_scorer_by_weighting(cache_dir, tmp_path):
