@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf
 from conftest import ROOT, SMALL, compose
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from lctw.experiment import run
