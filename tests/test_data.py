@@ -1,0 +1,110 @@
+"""Data: the default corpus, local files of each kind, a `datasets` path, chunking, masks, caching."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from lctw.data import LongDocuments, collate, essays
+from lctw.models import HFModel, TinyLlama
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cache_dir):
+    return TinyLlama(n=32, cache_dir=cache_dir).tokenizer()
+
+
+def docs(k=6, words=300):
+    return [" ".join(f"doc{d} word{i}." for i in range(words)) for d in range(k)]
+
+
+def test_default_corpus_leaves_out_the_ruler_haystack_prefix():
+    from lctw.data import essays_path
+
+    kept = essays()
+    text = json.loads(essays_path().read_text())["text"]
+    assert len(kept) > 100 and all(len(d) > 100 for d in kept)
+    haystack = " ".join(text.split()[:150_000])  # what RULER's essay haystacks are built from
+    assert not any(d[:200] in haystack for d in kept)
+    assert essays(ruler_reserve_words=0)[0].startswith("April 2012")
+
+
+def test_chunks_start_with_bos_and_split_by_document(tokenizer, cache_dir):
+    dm = LongDocuments(max_len=64, tokenizer=tokenizer, cache_dir=cache_dir, val_fraction=0.1)
+    dm.setup()
+    train, val = dm.train_set[:], dm.val_set[:]
+    assert (train["input_ids"][:, 0] == tokenizer.bos_token_id).all()
+    assert train["input_ids"].shape[1] == 64 and (train["length"] == 64).all()  # remainders dropped
+    # no validation chunk appears in training (split by document, not by chunk)
+    seen = {tuple(x.tolist()) for x in train["input_ids"]}
+    assert not any(tuple(x.tolist()) in seen for x in val["input_ids"])
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_local_files_of_each_kind(kind, tokenizer, cache_dir, tmp_path):
+    texts = docs()
+    if kind == "txt":
+        for i, t in enumerate(texts):
+            (tmp_path / f"{i}.txt").write_text(t)
+        path = str(tmp_path)
+    elif kind == "jsonl":
+        path = str(tmp_path / "d.jsonl")
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    else:
+        path = str(tmp_path / "d.parquet")
+        pd.DataFrame({"body": texts}).to_parquet(path)
+    dm = LongDocuments(max_len=128, source="files", path=path, text_field="body", tokenizer=tokenizer,
+                       cache_dir=cache_dir, val_fraction=0.2, drop_remainder=False)
+    dm.setup()
+    total = len(dm.train_set) + len(dm.val_set)
+    per_doc = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert total == sum(-(-n // 127) for n in per_doc)  # ceil: the remainders are kept and padded
+    batch = collate([dm.train_set[i] for i in range(len(dm.train_set))])
+    lengths = torch.stack([dm.train_set[i]["length"] for i in range(len(dm.train_set))])
+    assert batch["mask"].sum(-1).tolist() == (lengths - 1).tolist()
+    assert (lengths < 128).any()  # some chunk is a padded remainder
+
+
+def test_datasets_path_with_its_own_validation_split(tokenizer, cache_dir, tmp_path):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs(4)))
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs(2)))
+    dm = LongDocuments(max_len=128, source="hf", name=str(tmp_path), split="train", val_split="validation",
+                       tokenizer=tokenizer, cache_dir=cache_dir)
+    dm.setup()
+    assert len(dm.train_set) > len(dm.val_set) > 0
+
+
+def test_tokenization_is_cached_on_disk(tokenizer, cache_dir):
+    dm = LongDocuments(max_len=96, tokenizer=tokenizer, cache_dir=cache_dir)
+    dm.setup()
+    files = {f["filename"] for f in dm.train_set.cache_files}
+    assert files and all(cache_dir in f for f in files)
+    again = LongDocuments(max_len=96, tokenizer=tokenizer, cache_dir=cache_dir)
+    again.setup()
+    assert {f["filename"] for f in again.train_set.cache_files} == files  # reused, not recomputed
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(source="web"), r"data\.source='web' is not allowed"),
+     (dict(source="files"), r"data\.source=files needs data\.path"),
+     (dict(val_fraction=1.5), r"data\.val_fraction=1\.5 is out of range")],
+)
+def test_bad_data_options_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LongDocuments(max_len=64, **kwargs)
+
+
+def test_hf_model_from_a_local_path(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=len(tokenizer))).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    spec = HFModel(str(tmp_path), dtype="bfloat16", gradient_checkpointing=True)
+    model = spec.load()
+    assert model.dtype == torch.bfloat16 and model.is_gradient_checkpointing
+    assert spec.tokenizer().get_vocab() == tokenizer.get_vocab()
+    with pytest.raises(ValueError, match=r"model\.dtype='fp8' is not allowed"):
+        HFModel(str(tmp_path), dtype="fp8")
