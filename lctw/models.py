@@ -160,6 +160,7 @@ class TinyLlama(HFModel):
         module = TokenWeightingLM(model, NoScorer(), Uniform(), n=self.n, optimizer=optimizer, scheduler=scheduler)
         trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=False,
                             enable_checkpointing=False, gradient_clip_val=1.0, val_check_interval=steps,
+                            check_val_every_n_epoch=None,
                             limit_val_batches=8, num_sanity_val_steps=0, enable_model_summary=False)
         trainer.fit(module, datamodule=data)
         tmp = self.path.with_name(self.path.name + ".tmp")

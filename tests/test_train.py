@@ -105,3 +105,13 @@ def test_bad_option_on_the_command_line_names_the_key(tmp_path):
     assert proc.returncode != 0
     assert "weighting.kappa=1.5 is out of range: allowed (0, 1]" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_small_scorer_trains_with_its_own_cached_base(cache_dir, tmp_path):
+    """scorer=small builds its own (2-layer) base at n with the same tokenizer and scores with it."""
+    cfg = compose([*SMALL, "scorer=small", "scorer.model.base_steps=4", "callbacks=none",
+                   "trainer.max_steps=2", "trainer.val_check_interval=2"], cache=cache_dir)
+    metrics = run(cfg, run_dir=tmp_path)
+    assert math.isfinite(metrics["train/loss"]) and metrics["train/score_mean"] > 0
+    bases = [json.loads(p.read_text()) for p in Path(cache_dir, "tiny").glob("*/lctw_base.json")]
+    assert {b["arch"]["num_hidden_layers"] for b in bases} >= {2, 4}
