@@ -132,6 +132,7 @@ class TinyLlama(HFModel):
     def pretrain(self) -> None:
         """The base stage: train from scratch on the default corpus at context n, then cache."""
         import lightning as L
+        from lightning.pytorch.callbacks import TQDMProgressBar
         from transformers import LlamaConfig, LlamaForCausalLM
 
         from lctw.data import LongDocuments
@@ -161,7 +162,8 @@ class TinyLlama(HFModel):
         trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=False,
                             enable_checkpointing=False, gradient_clip_val=1.0, val_check_interval=steps,
                             check_val_every_n_epoch=None,
-                            limit_val_batches=8, num_sanity_val_steps=0, enable_model_summary=False)
+                            limit_val_batches=8, num_sanity_val_steps=0, enable_model_summary=False,
+                            callbacks=[TQDMProgressBar(refresh_rate=10)])
         trainer.fit(module, datamodule=data)
         tmp = self.path.with_name(self.path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,7 @@ import torch
 from conftest import CONF, compose
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import open_dict
 
 from lctw import loggers, models
@@ -44,7 +44,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
                                                                       "devices": 1, "strategy": "auto"}
     instantiate(cfg.trainer, **trainer_overrides, logger=False, enable_progress_bar=False)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
-    assert all(isinstance(c, ModelCheckpoint) for c in callbacks)
+    assert all(isinstance(c, (ModelCheckpoint, TQDMProgressBar)) for c in callbacks)
     logger = instantiate(cfg.logger, _partial_=True)(save_dir=str(tmp_path), name="t", group=None,
                                                      hparams={"a": 1})
     loggers.finish()
