@@ -131,8 +131,14 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
                 cb.dirpath = str(run_dir / "checkpoints")
         trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
                               default_root_dir=str(run_dir))
+        before = {}
+        if cfg.get("validate_first") and not cfg.get("ckpt_path"):
+            # θ right after context extension, before any training: the baseline the run improves on
+            results = trainer.validate(module, datamodule=datamodule, verbose=False)
+            before = {f"{k}_before": float(v) for k, v in (results[0] if results else {}).items()}
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        metrics.update(before)
         if trainer.is_global_zero:
             hf_dir = run_dir / "hf"
             module.model.save_pretrained(hf_dir)

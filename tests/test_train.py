@@ -40,6 +40,7 @@ def test_default_experiment_end_to_end(trained_run, cache_dir):
                 "val/ce_within_n", "val/ce_beyond_n"):
         assert math.isfinite(metrics[key]), key
     assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/ce"]), rel=1e-4)
+    assert math.isfinite(metrics["val/ce_beyond_n_before"])  # θ after extension, before training
     # the base really was pretrained at n: far better than chance on held-out essays
     base = json.loads(next(Path(cache_dir, "tiny").glob("*/lctw_base.json")).read_text())
     assert base["n"] == 32 and base["metrics"]["val/ce"] < math.log(4096)
