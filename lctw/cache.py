@@ -109,7 +109,8 @@ def _hub_commit(spec) -> str | None:
     try:
         config = AutoConfig.from_pretrained(spec.name_or_path, **spec._common())
     except OSError as err:  # offline and not cached: the name and revision must do
-        log.warning("score cache: cannot resolve %s to a commit (%s); using its name and revision", spec.describe(), err)
+        log.warning("score cache: cannot resolve %s to a commit (%s); using its name and revision",
+                    spec.describe(), err)
         return None
     return getattr(config, "_commit_hash", None)
 

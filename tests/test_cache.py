@@ -173,7 +173,8 @@ def test_an_explicit_cache_directory_for_another_configuration_is_refused(scored
 
 def test_score_py_caches_the_small_scorer(cache_dir, tmp_path, monkeypatch):
     out = tmp_path / "small"
-    cmd = [sys.executable, "score.py", "scorer=small", *TRAIN, "data.max_docs=2", f"scorer.cache={out}",
+    small = ["scorer=small", "scorer.model.base_steps=6", "data.max_docs=2"]
+    cmd = [sys.executable, "score.py", *TRAIN, *small, f"scorer.cache={out}",
            "score.batch_size=8", f"paths.cache={cache_dir}", f"hydra.run.dir={tmp_path}/run"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
@@ -183,7 +184,7 @@ def test_score_py_caches_the_small_scorer(cache_dir, tmp_path, monkeypatch):
     assert meta["scorer"] == "small" and meta["model"]["model"].startswith("tiny:") and meta["model"]["files"]
     # training reads it without loading the small model
     monkeypatch.setattr(SmallScorer, "setup", lambda self, model: pytest.fail("the small scorer was loaded"))
-    cfg = compose([*TRAIN, "data.max_docs=2", "scorer=small", f"scorer.cache={out}"], cache=cache_dir)
+    cfg = compose([*TRAIN, *small, f"scorer.cache={out}"], cache=cache_dir)
     parts, data = train_split(cfg)
     scorer = score_cache.use_cache(cfg, parts, data)
     batch = next(iter(data.train_dataloader()))
