@@ -39,6 +39,7 @@ the batches of an uninterrupted one (bit-identical results on deterministic kern
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -170,9 +171,13 @@ def row_checksum(input_ids: Tensor) -> Tensor:
     Exact integer arithmetic on any device (no overflow for ids < 2^20 and T < 2^23), so a row scored on
     one machine is recognized on another; two different rows collide only by accident of ~2^-20 or less.
     """
-    t = input_ids.shape[-1]
-    coef = torch.randint(1, 2**20, (t,), generator=torch.Generator().manual_seed(20250309), dtype=torch.int64)
-    return ((input_ids.long() + 1) * coef.to(input_ids.device)).sum(-1)
+    coef = _checksum_coefficients(input_ids.shape[-1]).to(input_ids.device, non_blocking=True)
+    return ((input_ids.long() + 1) * coef).sum(-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _checksum_coefficients(t: int) -> Tensor:
+    return torch.randint(1, 2**20, (t,), generator=torch.Generator().manual_seed(20250309), dtype=torch.int64)
 
 
 # -- the cache directory -----------------------------------------------------------------------------
@@ -331,7 +336,7 @@ def open_cache(cfg: DictConfig, scorer: Scorer, model_spec, tokenizer, train: da
 
 
 def _nearest(root: Path, fp: dict) -> str:
-    """', a stale cache exists (differs in ...)' for the existing cache closest to ``fp``, if any."""
+    """A hint naming the existing cache closest to ``fp`` and what differs, if there is one."""
     candidates = []
     for meta_file in root.glob("*/meta.json"):
         other = json.loads(meta_file.read_text())["fingerprint"]
