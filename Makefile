@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(PY) -m ruff check lctw tests benchmarks train.py
+	$(PY) -m ruff check lctw tests benchmarks train.py score.py
 
 clean-cache:
 	rm -rf outputs/cache

@@ -227,8 +227,12 @@ class LongDocuments(L.LightningDataModule):
 
 
 def collate(rows: list[dict]) -> dict:
-    """Stack chunks; ``mask`` (B, N-1) is True where the target x_{i+1} is a real token."""
+    """Stack chunks; ``mask`` (B, N-1) is True where the target x_{i+1} is a real token.
+
+    Other columns (the score cache's ``short_logprobs`` and ``checksum``) are stacked as they are.
+    """
     ids = torch.stack([r["input_ids"] for r in rows])
     lengths = torch.stack([torch.as_tensor(r["length"]) for r in rows])
     mask = torch.arange(ids.shape[1] - 1)[None, :] < (lengths[:, None] - 1)
-    return {"input_ids": ids, "mask": mask}
+    extra = {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0] if k not in ("input_ids", "length")}
+    return {"input_ids": ids, "mask": mask, **extra}

@@ -116,6 +116,10 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
     run_dir = Path(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = _build(cfg.data, tokenizer=parts.tokenizer)
+    if getattr(parts.scorer, "cache", False):  # θ0's scores from score.py's cache: θ0 is never loaded
+        from lctw.cache import use_cache
+
+        parts.scorer = use_cache(cfg, parts, datamodule)
     try:
         # Called, not instantiated with the config as a kwarg: Hydra would instantiate its _target_s.
         logger = instantiate(cfg.logger, _partial_=True)(save_dir=str(run_dir), name=run_name(cfg),

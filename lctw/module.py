@@ -90,7 +90,7 @@ class TokenWeightingLM(L.LightningModule):
     def training_step(self, batch, batch_idx):
         ids, mask = batch["input_ids"], batch["mask"]
         long_lp = model_logprobs(self.model, ids, self.chunk_size)
-        short_lp = self.scorer(self.model, ids, long_lp.detach())
+        short_lp = self.scorer.score_batch(self.model, batch, long_lp.detach())
         weights = self.weighting(long_lp, short_lp, mask)
         loss = weighted_loss(long_lp, weights, mask)
         ce = weighted_loss(long_lp.detach(), None, mask)

@@ -208,6 +208,11 @@ class Scorer:
     def __call__(self, model, input_ids: Tensor, long_logprobs: Tensor) -> Tensor | None:
         raise NotImplementedError
 
+    def score_batch(self, model, batch: dict, long_logprobs: Tensor) -> Tensor | None:
+        """What the training step calls: scores ``batch["input_ids"]``; a cached scorer (``lctw.cache``)
+        instead reads the log-probs that travel with the batch."""
+        return self(model, batch["input_ids"], long_logprobs)
+
     def _score(self, scorer_model, input_ids: Tensor, skip_shared: bool = False) -> Tensor:
         was_training = scorer_model.training
         scorer_model.eval()
@@ -248,13 +253,18 @@ class SelfScorer(Scorer):
 
 
 class FrozenScorer(Scorer):
-    """θ0: a fixed copy of the model taken before context extension (original RoPE, eval mode)."""
+    """θ0: a fixed copy of the model taken before context extension (original RoPE, eval mode).
+
+    ``cache`` (``scorer.cache``): false computes the scores on the fly; true or a directory makes
+    :func:`lctw.experiment.run` read them from the cache ``score.py`` wrote instead (``lctw.cache``).
+    """
 
     name = "frozen"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, cache: bool | str | None = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.model = None
+        self.cache = cache
 
     def setup(self, model) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)

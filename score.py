@@ -1,0 +1,25 @@
+"""Fill the score cache: run a frozen scorer once over the tokenized train data (lctw/cache.py).
+
+Same configuration and overrides as train.py, plus the ``score.*`` options of conf/score.yaml::
+
+    python score.py scorer=frozen                           # θ0's short-context log-probs
+    python score.py scorer=small score.batch_size=16        # the small scorer's
+    python train.py -m scorer=frozen scorer.cache=true weighting.lam=0.5,0.75   # read them, θ0 not loaded
+
+Resumable: an interrupted run (or one stopped by ``score.limit``) continues after its last saved shard.
+Prints the cache directory.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from lctw.cache import build_cache
+
+
+@hydra.main(config_path="conf", config_name="score", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    build_cache(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The score cache (lctw/cache.py, score.py): real tiny models, real data, real Arrow shards on disk.
+
+The cache is built once per module with a ``score.limit`` stop in the middle (an interrupted run), then
+resumed; an uninterrupted run into another directory must give bit-identical rows.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import CONF, ROOT, SMALL, compose
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from lctw import cache as score_cache
+from lctw.experiment import _build, build_parts, run
+from lctw.module import TokenWeightingLM
+from lctw.scoring import FrozenScorer, SmallScorer, model_logprobs, short_context_logprobs
+
+# A few essays only (about 100 chunks), so that scoring all of them takes seconds.
+DATA = ["+data.max_docs=4"]
+TRAIN = [*SMALL, *DATA]
+
+
+def compose_score(overrides, cache):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return hydra_compose(config_name="score", overrides=[*TRAIN, *overrides, f"paths.cache={cache}"])
+
+
+def train_split(cfg):
+    parts = build_parts(cfg)
+    data = _build(cfg.data, tokenizer=parts.tokenizer)
+    data.setup("fit")
+    return parts, data
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One OpenMP thread (conftest restores the count): on a busy 2-core CI machine two threads spin
+    against each other and a tiny forward pass gets ten times slower."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def scored(cache_dir):
+    """Score with an interruption (limit), check the half-built cache is refused, then resume."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _score_interrupted_then_resumed(cache_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _score_interrupted_then_resumed(cache_dir):
+    first = score_cache.build_cache(compose_score(["score.batch_size=4", "score.shard_rows=8", "score.limit=10"],
+                                                  cache_dir))
+    cache = score_cache.ScoreCache(first)
+    assert not cache.complete and cache.rows_done() == 12  # the limit rounds up to whole batches
+    with pytest.raises(ValueError, match=r"is incomplete \(12 of \d+ rows scored\)\. Finish it with: python score\.py"):
+        run(compose([*TRAIN, "scorer.cache=true"], cache=cache_dir), run_dir=os.devnull)
+    again = score_cache.build_cache(compose_score(["score.batch_size=4", "score.shard_rows=8"], cache_dir))
+    assert again == first and cache.complete
+    return first
+
+
+def test_cached_scores_are_theta0_short_context_logprobs(scored, cache_dir):
+    cfg = compose([*TRAIN, "scorer.cache=true"], cache=cache_dir)
+    parts, data = train_split(cfg)
+    scores = score_cache.ScoreCache(scored).load().with_format("torch")
+    assert len(scores) == len(data.train_set) > 16
+    theta0 = parts.model_spec.load().eval()
+    rows = [0, 5, len(scores) - 1]
+    ids = data.train_set.select(rows)[:]["input_ids"]
+    expected = short_context_logprobs(theta0, ids, cfg.n, "chunked", parts.scorer.stride)
+    cached = scores.select(rows)[:]["short_logprobs"]
+    torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(scores.select(rows)[:]["checksum"], score_cache.row_checksum(ids))
+
+
+def test_resumed_scoring_equals_one_uninterrupted_run(scored, cache_dir, tmp_path):
+    whole = score_cache.build_cache(compose_score(["score.batch_size=4", "score.shard_rows=8",
+                                                  f"scorer.cache={tmp_path}/whole"], cache_dir))
+    a, b = score_cache.ScoreCache(scored), score_cache.ScoreCache(whole)
+    assert a.meta["fingerprint"] == b.meta["fingerprint"]
+    assert [s[:2] for s in a.shards()][:2] == [(0, 8), (8, 12)]  # the interrupted run's partial shard
+    assert torch.equal(a.load().with_format("torch")[:]["short_logprobs"],
+                       b.load().with_format("torch")[:]["short_logprobs"])
+
+
+def test_training_with_the_cache_equals_the_frozen_scorer_on_the_first_step(scored, cache_dir):
+    cfg = compose([*TRAIN, "scorer.cache=true"], cache=cache_dir)
+    parts, data = train_split(cfg)
+    cached = score_cache.use_cache(cfg, parts, data)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["short_logprobs"].shape == batch["mask"].shape and batch["checksum"].shape == (2,)
+
+    def first_step(scorer):
+        torch.manual_seed(0)
+        module = TokenWeightingLM(parts.model_spec.load(), scorer, parts.weighting, _build(cfg.context), n=cfg.n)
+        loss = module.training_step(batch, 0)
+        with torch.no_grad():
+            long_lp = model_logprobs(module.model, batch["input_ids"])
+            weights = parts.weighting(long_lp, scorer.score_batch(module.model, batch, long_lp), batch["mask"])
+        return loss.detach(), weights
+
+    frozen = FrozenScorer(cfg.n, cfg.N)
+    loss_frozen, w_frozen = first_step(frozen)
+    loss_cached, w_cached = first_step(cached)
+    assert cached.model is None and frozen.model is not None
+    torch.testing.assert_close(w_cached, w_frozen, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss_cached, loss_frozen, atol=1e-5, rtol=1e-5)
+    # a batch whose tokens are not the scored rows' is refused, never silently scored
+    other = dict(batch, input_ids=batch["input_ids"].roll(1, dims=0))
+    with pytest.raises(ValueError, match="have other tokens than the rows that were scored"):
+        cached.score_batch(None, other, torch.zeros_like(batch["short_logprobs"]))
+
+
+def test_training_with_the_cache_never_loads_theta0(scored, cache_dir, tmp_path, monkeypatch):
+    def no_theta0(self, model):
+        pytest.fail("θ0 was loaded although scorer.cache=true")
+
+    monkeypatch.setattr(FrozenScorer, "setup", no_theta0)
+    quiet = [o for o in TRAIN if not o.startswith("logger.")] + ["logger=none", "callbacks=none"]
+    cfg = compose([*quiet, "scorer.cache=true", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                   "trainer.limit_val_batches=1"], cache=cache_dir)
+    metrics = run(cfg, run_dir=tmp_path)
+    assert torch.isfinite(torch.tensor([metrics["train/loss"], metrics["train/weight_std"], metrics["val/ce"]])).all()
+    assert metrics["train/weight_std"] > 0  # real, non-uniform weights from the cached scores
+
+
+@pytest.mark.parametrize("change, field", [
+    (["n=16"], "n: cache 32, now 16"),
+    (["scorer.stride=8"], "stride: cache 24, now 8"),
+    (["model.rope_theta=20000.0"], "model.model: cache 'tiny:"),  # another θ0
+    (["scorer=small"], "scorer: cache 'frozen', now 'small'"),
+])
+def test_a_stale_cache_is_refused_with_what_changed_and_the_command(scored, cache_dir, change, field):
+    overrides = [*TRAIN, "scorer.cache=true", *change]
+    cfg = compose(overrides, cache=cache_dir)
+    hydra_cfg = compose_score_hydra(overrides, cache_dir)
+    try:
+        HydraConfig.instance().set_config(hydra_cfg)
+        with pytest.raises(ValueError) as err:
+            run(cfg, run_dir=os.devnull)
+    finally:
+        HydraConfig.instance().cfg = None
+    message = str(err.value)
+    assert "no score cache for this configuration" in message and "is stale" in message
+    assert field in message
+    assert message.endswith("Build it with: python score.py " + " ".join([*overrides, f"paths.cache={cache_dir}"]))
+
+
+def compose_score_hydra(overrides, cache):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=[*overrides, f"paths.cache={cache}"],
+                             return_hydra_config=True)
+
+
+def test_an_explicit_cache_directory_for_another_configuration_is_refused(scored, cache_dir):
+    cfg = compose([*TRAIN, f"scorer.cache={scored}", "scorer.mode=window"], cache=cache_dir)
+    with pytest.raises(ValueError, match=r"refused, the cache at .* was built for another configuration "
+                                         r"\(mode: cache 'chunked', now 'window'; sink: cache None, now False"):
+        run(cfg, run_dir=os.devnull)
+    with pytest.raises(ValueError, match="holds scores for another configuration"):
+        score_cache.build_cache(compose_score([f"scorer.cache={scored}", "scorer.mode=window"], cache_dir))
+
+
+def test_score_py_caches_the_small_scorer(cache_dir, tmp_path, monkeypatch):
+    out = tmp_path / "small"
+    small = ["scorer=small", "scorer.model.base_steps=6", "data.max_docs=2"]
+    cmd = [sys.executable, "score.py", *TRAIN, *small, f"scorer.cache={out}",
+           "score.batch_size=8", f"paths.cache={cache_dir}", f"hydra.run.dir={tmp_path}/run"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith(str(out)) and "score small n=32" in proc.stderr  # the progress bar
+    meta = score_cache.ScoreCache(out).meta["fingerprint"]
+    assert meta["scorer"] == "small" and meta["model"]["model"].startswith("tiny:") and meta["model"]["files"]
+    # training reads it without loading the small model
+    monkeypatch.setattr(SmallScorer, "setup", lambda self, model: pytest.fail("the small scorer was loaded"))
+    cfg = compose([*TRAIN, *small, f"scorer.cache={out}"], cache=cache_dir)
+    parts, data = train_split(cfg)
+    scorer = score_cache.use_cache(cfg, parts, data)
+    batch = next(iter(data.train_dataloader()))
+    short = scorer.score_batch(None, batch, torch.zeros_like(batch["short_logprobs"]))
+    small = parts.scorer.spec.load().eval()
+    expected = short_context_logprobs(small, batch["input_ids"], cfg.n, "chunked", parts.scorer.stride)
+    torch.testing.assert_close(short, expected, atol=1e-5, rtol=1e-5)
