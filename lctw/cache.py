@@ -133,7 +133,7 @@ def scorer_spec(scorer: Scorer, model_spec):
     return scorer.spec if isinstance(scorer, SmallScorer) else model_spec
 
 
-def fingerprint(scorer: Scorer, model_spec, tokenizer, train: datasets.Dataset) -> dict:
+def fingerprint(scorer: Scorer, model_spec, tokenizer, train: datasets.Dataset, data_key: str) -> dict:
     """Everything that changes the cached numbers (see the module docstring); JSON-serializable."""
     return {
         "version": VERSION,
@@ -144,7 +144,7 @@ def fingerprint(scorer: Scorer, model_spec, tokenizer, train: datasets.Dataset) 
         "stride": scorer.stride if scorer.mode == "chunked" else None,  # irrelevant in window mode
         "sink": scorer.sink if scorer.mode == "window" else None,  # irrelevant in chunked mode
         "tokenizer": tokenizer_digest(tokenizer),
-        "data": {"fingerprint": train._fingerprint, "rows": len(train), "length": len(train[0]["input_ids"])},
+        "data": {"fingerprint": data_key, "rows": len(train), "length": len(train[0]["input_ids"])},
     }
 
 
@@ -316,9 +316,10 @@ class CachedScorer(Scorer):
         return short.to(long_logprobs.device, torch.float32)
 
 
-def open_cache(cfg: DictConfig, scorer: Scorer, model_spec, tokenizer, train: datasets.Dataset) -> ScoreCache:
+def open_cache(cfg: DictConfig, scorer: Scorer, model_spec, tokenizer, train: datasets.Dataset,
+               data_key: str) -> ScoreCache:
     """The complete cache for this configuration, or a ValueError that says what to run."""
-    fp = fingerprint(scorer, model_spec, tokenizer, train)
+    fp = fingerprint(scorer, model_spec, tokenizer, train, data_key)
     cache = ScoreCache(cache_dir(cfg, fp))
     command = score_command(cfg)
     meta = cache.meta
@@ -356,7 +357,7 @@ def use_cache(cfg: DictConfig, parts, datamodule) -> CachedScorer:
     """
     datamodule.setup("fit")
     train = datamodule.train_set
-    cache = open_cache(cfg, parts.scorer, parts.model_spec, parts.tokenizer, train)
+    cache = open_cache(cfg, parts.scorer, parts.model_spec, parts.tokenizer, train, datamodule.fingerprints["train"])
     scores = cache.load()
     if len(scores) != len(train):
         raise ValueError(f"score cache {cache.path}: {len(scores)} rows for a train split of {len(train)}")
@@ -431,7 +432,7 @@ def build_cache(cfg: DictConfig) -> Path:
     train = datamodule.train_set
     if isinstance(spec, TinyLlama) and not (spec.path / "config.json").exists():
         spec.pretrain()  # the tiny base is built on first use; its weights are part of the fingerprint
-    fp = fingerprint(parts.scorer, parts.model_spec, parts.tokenizer, train)
+    fp = fingerprint(parts.scorer, parts.model_spec, parts.tokenizer, train, datamodule.fingerprints["train"])
     cache = ScoreCache(cache_dir(cfg, fp))
     cache.create(fp)
     if cache.complete:

@@ -108,6 +108,7 @@ class LongDocuments(L.LightningDataModule):
         self.cache_dir = Path(cache_dir or "outputs/cache").expanduser()
         self.tokenizer = tokenizer
         self.train_set = self.val_set = None
+        self.fingerprints: dict[str, str] = {}  # split -> stable key of its chunks (see _chunks)
 
     # -- documents ------------------------------------------------------------------------------
     def documents(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -209,6 +210,11 @@ class LongDocuments(L.LightningDataModule):
                           desc=f"tokenize {split}")
         chunks = tokens.map(chunk, batched=True, remove_columns=["ids"], num_proc=self.num_proc,
                             desc=f"chunk {split} into N={n_max}")
+        # A key that names these chunks across processes: the documents' fingerprint (deterministic from the
+        # source, the split seed and max_docs) plus everything chunking adds. datasets' own fingerprint of
+        # the mapped split hashes the pickled tokenizer, whose state changes once it has padded a batch.
+        key = json.dumps([docs._fingerprint, n_max, drop, bos, pad])
+        self.fingerprints[split] = hashlib.sha256(key.encode()).hexdigest()[:16]
         if len(chunks) == 0:
             raise ValueError(
                 f"data: the {split} split has no document of N={n_max} tokens; lower N, set "
