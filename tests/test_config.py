@@ -14,7 +14,8 @@ from lctw import loggers, models
 from lctw.experiment import build_parts
 
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONF).iterdir() if p.is_dir()}
-REQUIRED = {("model", "hf"): ["model.name_or_path=some/model"], ("data", "files"): ["data.path=docs/"]}
+REQUIRED = {("model", "hf"): ["model.name_or_path=some/model"], ("data", "files"): ["data.path=docs/"],
+            ("eval", "harness"): ["eval.data_dir=tests/data/harness"]}
 CHEAP = ("weighting", "context", "scorer", "model")
 
 
@@ -35,6 +36,8 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     cfg = compose(overrides, cache=str(tmp_path))
     for key in CHEAP:
         assert instantiate(cfg[key]) is not None
+    if cfg.get("eval"):
+        assert callable(instantiate(cfg.eval))
     data = instantiate(cfg.data, tokenizer=None)
     assert data.max_len == cfg.N
     params = [torch.nn.Parameter(torch.zeros(2))]

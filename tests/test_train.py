@@ -116,3 +116,19 @@ def test_small_scorer_trains_with_its_own_cached_base(cache_dir, tmp_path):
     assert math.isfinite(metrics["train/loss"]) and metrics["train/score_mean"] > 0
     bases = [json.loads(p.read_text()) for p in Path(cache_dir, "tiny").glob("*/lctw_base.json")]
     assert {b["arch"]["num_hidden_layers"] for b in bases} >= {2, 4}
+
+
+def test_eval_harness_option_on_the_trained_model(trained_run, tmp_path):
+    """eval=harness: MMLU-format items from local files through lm-eval, written and returned as metrics."""
+    pytest.importorskip("lm_eval", reason="pip install lm-eval")
+    from hydra.utils import instantiate
+
+    run_dir, _ = trained_run
+    cfg = compose(["eval=harness", "eval.tasks=[mmlu_astronomy]", f"eval.data_dir={ROOT}/tests/data/harness"])
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
+    from transformers import AutoTokenizer
+
+    metrics = instantiate(cfg.eval)(model, AutoTokenizer.from_pretrained(run_dir / "hf"), tmp_path)
+    assert 0 <= metrics["eval/harness/mmlu_astronomy"] <= 100
+    table = pd.read_csv(tmp_path / "harness.csv")
+    assert "mmlu_astronomy" in set(table["task"])

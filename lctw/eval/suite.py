@@ -8,6 +8,8 @@ and returns flat metrics (``eval/ruler/<task>/<length>``, ``eval/ce/<lo>-<hi>``)
   the held-out validation documents, which never contain RULER haystacks. The cheapest signal that
   context extension and weighting work: the buckets beyond n are where they show.
 * ``Ruler`` (``eval=ruler``): the 13 RULER tasks (``lctw.eval.ruler``) per task and length.
+* ``Harness`` (``eval=harness``): MMLU, BBH (short-context retention) and LongBench through lm-eval,
+  on the user's local copies of the data.
 * ``Suite`` (``eval=all``): several of them in turn.
 """
 
@@ -146,6 +148,30 @@ class Ruler:
                    for task, by_len in results["scores"].items() for length, score in by_len.items()}
         metrics.update({f"eval/ruler/average/{length}": float(v) for length, v in results["average"].items()})
         _log(logger, metrics, table, "eval/ruler", plot)
+        return metrics
+
+
+class Harness:
+    """MMLU / BBH / LongBench through lm-eval on local data (``lctw.eval.harness``): retention and LongBench."""
+
+    def __init__(self, tasks: list[str], data_dir: str, num_fewshot: int = 0, limit: float | None = None,
+                 batch_size: int = 1, chat_template: bool = False):
+        if not tasks:
+            raise ValueError("eval.tasks is empty: give e.g. [mmlu, bbh, longbench] or single tasks (mmlu_<subject>)")
+        if not data_dir:
+            raise ValueError("eval.data_dir is required: the directory holding your local mmlu/ bbh/ longbench/ data")
+        self.tasks, self.data_dir, self.num_fewshot, self.limit = list(tasks), data_dir, num_fewshot, limit
+        self.batch_size, self.chat_template = batch_size, chat_template
+
+    def __call__(self, model, tokenizer, out_dir, logger=None, **_) -> dict:
+        from lctw.eval.harness import results_table, run_harness, write_harness_results
+
+        results = run_harness(model, tokenizer, self.tasks, self.data_dir, num_fewshot=self.num_fewshot,
+                              limit=self.limit, batch_size=self.batch_size, apply_chat_template=self.chat_template)
+        print(write_harness_results(results, out_dir))
+        metrics = {f"eval/harness/{task}": float(r["score"]) for task, r in results["results"].items()}
+        metrics.update({f"eval/harness/{group}": float(g["score"]) for group, g in results["groups"].items()})
+        _log(logger, metrics, results_table(results).set_index("task"), "eval/harness")
         return metrics
 
 
