@@ -180,20 +180,31 @@ class TinyLlama(HFModel):
         return f"tiny:{self.path.name}"
 
 
-def train_tokenizer(vocab_size: int, out_dir: Path) -> None:
-    """Byte-level BPE trained on the default corpus, with <s> (BOS), </s> (EOS) and <pad>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def bpe_tokenizer(texts, vocab_size: int, add_bos: bool = False):
+    """A byte-level BPE trained on ``texts`` in seconds, with <s> (BOS), </s> (EOS) and <pad>.
 
-    from lctw.data import essays
+    ``add_bos=True`` makes encoding prepend BOS, as Llama's tokenizer does.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(essays(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.train_from_iterator(texts, trainer=trainer)
+    if add_bos:
+        bos = ("<s>", tok.token_to_id("<s>"))
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def train_tokenizer(vocab_size: int, out_dir: Path) -> None:
+    """The tiny model's tokenizer: a byte-level BPE trained on the default corpus, saved to ``out_dir``."""
+    from lctw.data import essays
+
+    fast = bpe_tokenizer(essays(), vocab_size)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     fast.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)

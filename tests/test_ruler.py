@@ -26,25 +26,12 @@ CHAT_TEMPLATE = (
 
 
 def _train_tokenizer(chat: bool = False):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from lctw.models import bpe_tokenizer
 
     words = S.essay_words()
     corpus = [" ".join(words[i : i + 200]) for i in range(0, 100_000, 200)]
     corpus += [R.NOISE, R.NEEDLE, R.NIAH_TEMPLATE, R.VT_TEMPLATE, R.CWE_TEMPLATE, R.QA_TEMPLATE] * 10
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2000,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
-    # Like Llama: BOS is added to every encoded text.
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = bpe_tokenizer(corpus, 2000, add_bos=True)  # like Llama: BOS is added to every encoded text
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     return fast
