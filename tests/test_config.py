@@ -103,15 +103,7 @@ def test_unknown_group_option_lists_the_allowed_values(tmp_path):
 
 
 def test_small_scorer_with_another_vocabulary_is_refused_before_loading(cache_dir, tmp_path, monkeypatch):
-    from tokenizers import Tokenizer, pre_tokenizers, trainers
-    from tokenizers import models as tok_models
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["another vocabulary entirely"] * 10,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(tmp_path)
+    models.bpe_tokenizer(["another vocabulary entirely"] * 10, 300).save_pretrained(tmp_path)
     monkeypatch.setattr(models.HFModel, "load", lambda self: pytest.fail("a model was loaded"))
     cfg = compose(["scorer=small"], cache=cache_dir)
     with open_dict(cfg):
