@@ -13,12 +13,12 @@ Prints the cache directory.
 import hydra
 from omegaconf import DictConfig
 
-from lctw.cache import build_cache
+from lctw.experiment import score
 
 
 @hydra.main(config_path="conf", config_name="score", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    build_cache(cfg)
+    score(cfg)
 
 
 if __name__ == "__main__":

@@ -418,34 +418,3 @@ def score_rows(scorer: Scorer, model, rows: datasets.Dataset, cache: ScoreCache,
     if buf_start >= total:
         cache.finish(total)
     return buf_start
-
-
-def build_cache(cfg: DictConfig) -> Path:
-    """``score.py``: score the train split with the configured frozen/small scorer into its cache."""
-    from lctw.experiment import _build, build_parts
-
-    parts = build_parts(cfg)
-    spec = scorer_spec(parts.scorer, parts.model_spec)
-    opts = cfg.get("score") or {}
-    datamodule = _build(cfg.data, tokenizer=parts.tokenizer)
-    datamodule.setup("fit")
-    train = datamodule.train_set
-    if isinstance(spec, TinyLlama) and not (spec.path / "config.json").exists():
-        spec.pretrain()  # the tiny base is built on first use; its weights are part of the fingerprint
-    fp = fingerprint(parts.scorer, parts.model_spec, parts.tokenizer, train, datamodule.fingerprints["train"])
-    cache = ScoreCache(cache_dir(cfg, fp))
-    cache.create(fp)
-    if cache.complete:
-        log.info("score cache already complete: %s", cache.path)
-        print(cache.path)
-        return cache.path
-    device = opts.get("device", "auto")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    model = spec.load().eval().requires_grad_(False).to(device)
-    done = score_rows(parts.scorer, model, train, cache, batch_size=int(opts.get("batch_size", 8)),
-                      limit=opts.get("limit"), shard_rows=int(opts.get("shard_rows", 256)),
-                      num_workers=int(cfg.data.get("num_workers", 0)))
-    state = "complete" if cache.complete else f"stopped at {done} of {len(train)} rows; rerun to continue"
-    log.info("score cache %s: %s", state, cache.path)
-    print(cache.path)
-    return cache.path

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from lctw import cache as score_cache
 from lctw.experiment import _build, build_parts, run
+from lctw.experiment import score as run_score
 from lctw.module import TokenWeightingLM
 from lctw.scoring import FrozenScorer, SmallScorer, model_logprobs, short_context_logprobs
 
@@ -58,13 +59,13 @@ def scored(cache_dir):
 
 
 def _score_interrupted_then_resumed(cache_dir):
-    first = score_cache.build_cache(compose_score(["score.batch_size=4", "score.shard_rows=8", "score.limit=10"],
+    first = run_score(compose_score(["score.batch_size=4", "score.shard_rows=8", "score.limit=10"],
                                                   cache_dir))
     cache = score_cache.ScoreCache(first)
     assert not cache.complete and cache.rows_done() == 12  # the limit rounds up to whole batches
     with pytest.raises(ValueError, match=r"is incomplete \(12 of \d+ rows scored\)\. Finish it with: python score\.py"):
         run(compose([*TRAIN, "scorer.cache=true"], cache=cache_dir), run_dir=os.devnull)
-    again = score_cache.build_cache(compose_score(["score.batch_size=4", "score.shard_rows=8"], cache_dir))
+    again = run_score(compose_score(["score.batch_size=4", "score.shard_rows=8"], cache_dir))
     assert again == first and cache.complete
     return first
 
@@ -84,7 +85,7 @@ def test_cached_scores_are_theta0_short_context_logprobs(scored, cache_dir):
 
 
 def test_resumed_scoring_equals_one_uninterrupted_run(scored, cache_dir, tmp_path):
-    whole = score_cache.build_cache(compose_score(["score.batch_size=4", "score.shard_rows=8",
+    whole = run_score(compose_score(["score.batch_size=4", "score.shard_rows=8",
                                                   f"scorer.cache={tmp_path}/whole"], cache_dir))
     a, b = score_cache.ScoreCache(scored), score_cache.ScoreCache(whole)
     assert a.meta["fingerprint"] == b.meta["fingerprint"]
@@ -168,7 +169,7 @@ def test_an_explicit_cache_directory_for_another_configuration_is_refused(scored
                                          r"\(mode: cache 'chunked', now 'window'; sink: cache None, now False"):
         run(cfg, run_dir=os.devnull)
     with pytest.raises(ValueError, match="holds scores for another configuration"):
-        score_cache.build_cache(compose_score([f"scorer.cache={scored}", "scorer.mode=window"], cache_dir))
+        run_score(compose_score([f"scorer.cache={scored}", "scorer.mode=window"], cache_dir))
 
 
 def test_score_py_caches_the_small_scorer(cache_dir, tmp_path, monkeypatch):
