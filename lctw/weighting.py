@@ -8,7 +8,7 @@ the spec (Helm et al., 2025; LongCE of Fang et al., 2025):
 
     uniform  w_i = 1
     dense    ŵ_i = M s_i / Σ_j s_j,  w_i = lam + (1 - lam) ŵ_i,        s_i = |short_i - long_i|
-    sparse   top k = max(1, ⌊kappa M⌋) targets by s_i get M / k, others 0
+    sparse   top k = max(1, ⌊kappa M⌋) targets by s_i get M / k, others 0 (optionally interpolated with lam)
     longce   w_i = min(exp(long_i - short_i), gamma)
     ppmi     s_i = max(long_i - short_i - log shift, 0), then sparse top-kappa
     npmi     s_i = max(short_i - long_i - log shift, 0), then sparse top-kappa
@@ -84,11 +84,14 @@ class Sparse(Weighting):
 
     Each call draws a fresh random order from the weighting's own CPU generator, so runs with the same
     seed and data give the same weights on any device, while ties do not always favour early positions.
+    ``lam`` is the interpolation step of the paper's general form, w = lam + (1 - lam)·w_sparse; the
+    default 0 is the table's sparse weighting. It lets one sweep ``weighting.lam`` over dense and sparse.
     """
 
-    def __init__(self, kappa: float = 0.25, seed: int = 0):
+    def __init__(self, kappa: float = 0.25, seed: int = 0, lam: float = 0.0):
         _check("kappa", kappa, 0.0 < kappa <= 1.0, "(0, 1] (1 = uniform)")
-        self.kappa = float(kappa)
+        _check("lam", lam, 0.0 <= lam <= 1.0, "[0, 1] (0 = pure top-kappa, 1 = uniform)")
+        self.kappa, self.lam = float(kappa), float(lam)
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
 
@@ -97,7 +100,7 @@ class Sparse(Weighting):
 
     def weights(self, long_lp, short_lp, mask):
         s = self.scores(long_lp, short_lp)
-        return top_k_weights(s, mask, self.kappa, self.generator)
+        return self.lam + (1.0 - self.lam) * top_k_weights(s, mask, self.kappa, self.generator)
 
 
 def top_k_weights(scores: Tensor, mask: Tensor, kappa: float, generator: torch.Generator) -> Tensor:
@@ -129,8 +132,8 @@ class LongCE(Weighting):
 class PPMI(Sparse):
     """Top-kappa on positive shifted PMI: targets the long context makes *more* likely."""
 
-    def __init__(self, kappa: float = 0.25, shift: float = 1.0, seed: int = 0):
-        super().__init__(kappa, seed)
+    def __init__(self, kappa: float = 0.25, shift: float = 1.0, seed: int = 0, lam: float = 0.0):
+        super().__init__(kappa, seed, lam)
         _check("shift", shift, shift > 0, "> 0 (the PMI shift c; log c is subtracted)")
         self.shift = float(shift)
 

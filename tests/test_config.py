@@ -110,3 +110,12 @@ def test_small_scorer_with_another_vocabulary_is_refused_before_loading(cache_di
         cfg.scorer.model = {"_target_": "lctw.models.HFModel", "name_or_path": str(tmp_path)}
     with pytest.raises(ValueError, match=r"scorer=small: scorer\.model .* different vocabulary"):
         build_parts(cfg)
+
+
+@pytest.mark.parametrize("weighting", ["dense", "sparse"])
+@pytest.mark.parametrize("scorer", ["frozen", "self"])
+@pytest.mark.parametrize("lam", [0.25, 0.5])
+def test_the_headline_sweep_composes_for_every_job(weighting, scorer, lam, tmp_path):
+    """Each job of `train.py -m weighting=dense,sparse scorer=frozen,self weighting.lam=0.25,0.5`."""
+    cfg = compose([f"weighting={weighting}", f"scorer={scorer}", f"weighting.lam={lam}"], cache=str(tmp_path))
+    assert instantiate(cfg.weighting).lam == lam

@@ -112,3 +112,11 @@ def test_out_of_range_parameters_name_the_key_and_range(make, key):
 def test_non_uniform_weighting_without_scores_is_an_error():
     with pytest.raises(ValueError, match="scorer"):
         Dense(0.5)(LONG, None, ALL)
+
+
+def test_sparse_interpolates_with_uniform_like_dense():
+    # the general form's interpolation step: lam + (1 - lam)·w_sparse; kappa = 0.25 keeps the score-2 target
+    assert Sparse(0.25, lam=0.5)(LONG, SHORT, ALL).tolist() == [[0.5, 0.5, 0.5, 2.5]]
+    assert PPMI(0.25, lam=1.0)(LONG, SHORT, ALL).tolist() == [[1.0] * 4]
+    with pytest.raises(ValueError, match=r"weighting\.lam=2"):
+        Sparse(0.25, lam=2)
