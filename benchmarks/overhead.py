@@ -55,8 +55,8 @@ def params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Device and model-shape options shared by the benchmarks (scoring_throughput.py uses them too)."""
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
@@ -64,6 +64,11 @@ def main(argv=None) -> dict:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add_model_args(p)
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     p.add_argument("--intermediate", type=int, default=None, help="default: 2.75 x hidden")
     p.add_argument("--small-hidden", type=int, default=None, help="small scorer width (default hidden/2)")

@@ -32,15 +32,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.9
 
 
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from overhead import add_model_args  # noqa: E402
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (default float32)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
+    add_model_args(p)
     p.add_argument("--T", type=int, default=1024, help="row length N (default 1024)")
     p.add_argument("--n", type=int, default=None, help="short context (default T/4)")
     p.add_argument("--mode", default="chunked", help="chunked | window (default chunked)")

@@ -161,7 +161,7 @@ class LongDocuments(L.LightningDataModule):
 
     # -- tokenization and chunking -------------------------------------------------------------
     def prepare_data(self) -> None:
-        self._build()  # fills the on-disk caches once (rank 0); setup() then reads them
+        self.setup()  # rank 0 fills the on-disk caches (and keeps its splits); other ranks read them in setup()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
