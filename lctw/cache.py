@@ -289,6 +289,7 @@ class CachedScorer(Scorer):
     def __init__(self, source: Scorer, path: Path):
         self.n, self.max_len, self.mode, self.sink, self.stride = (source.n, source.max_len, source.mode,
                                                                    source.sink, source.stride)
+        self.attention = source.attention
         self.source, self.path = source.name, Path(path)
         self.model = None  # never loaded
 

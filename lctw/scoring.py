@@ -8,15 +8,20 @@ for every target x_2 … x_T, in one of two modes:
   targets 2 … n, every later window its last ``stride`` targets. A target sees n - stride … n tokens.
   When (T - n) is not a multiple of the stride, one extra window ending at T covers the rest.
   Exactly equal to running each window on its own (tested against that brute force).
-* ``window`` (one pass, sliding-window attention): in every layer, the query that predicts x_i sees
-  only the n positions before x_i (keys q - n < k <= q), plus BOS with ``sink=True`` at its true
-  distance (position 0). With one layer this *is* each target on its own n-token window, because RoPE
-  depends only on relative distance (tested against brute force). With L layers it is not: hidden
-  states of the window's positions already carry information from up to n - 1 positions further back,
-  so x_i's prediction can depend on the last L·(n - 1) + 1 tokens. No single pass of length T can be
-  exact for L > 1 (each window needs its own hidden states: T·n of them); ``window`` is instead exactly
-  the model run with sliding-window attention of width n (tested against transformers' Mistral
-  sliding-window implementation with the same weights). The first n targets are exact in both modes.
+* ``window`` (one pass, sliding-window attention, :mod:`lctw.attention`): in every layer, the query
+  that predicts x_i sees only the n positions before x_i (keys q - n < k <= q). ``sink`` adds the
+  row's first token (BOS): ``true`` at its true distance (position 0); ``in_range`` right before a
+  window of n - 2 tokens, so each target is predicted exactly as the last target of an n-token
+  training window [BOS, x_{i-n+2} … x_{i-1}, x_i] (positions 0 … n - 1): the model is never asked
+  about a distance it was not trained on (with one layer, ``in_range`` equals ``chunked`` at stride 1). With one layer every
+  variant *is* each target on its own window, because RoPE depends only on relative distance (tested
+  against brute force). With L layers it is not: hidden states of the window's positions already
+  carry information from up to n - 1 positions further back, so x_i's prediction can depend on the
+  last L·(n - 1) + 1 tokens. No single pass of length T can be exact for L > 1 (each window needs its
+  own hidden states: T·n of them); ``window`` is instead exactly the model run with sliding-window
+  attention of width n (tested against transformers' Mistral sliding-window implementation with the
+  same weights). The first n targets are exact in both modes. ``attention`` picks the kernel
+  (``auto``: FlexAttention on CUDA, blocked sdpa elsewhere; ``dense``: a (T, T) mask).
 
 The scorers (``conf/scorer``) choose θ': ``none`` (uniform baseline), ``self`` (θ itself, context cut
 to n), ``frozen`` (θ0 before context extension, fixed) and ``small`` (another model, same vocabulary).
@@ -30,6 +35,7 @@ import copy
 import torch
 from torch import Tensor
 
+from lctw.attention import check_kernel, check_sink, resolve_kernel, windowed
 from lctw.loss import token_logprobs
 
 MODES = ("chunked", "window")
@@ -62,7 +68,15 @@ def default_stride(n: int, max_len: int) -> int:
     return max(1, int(round((1 - n / max_len) * n)))
 
 
-def check_scoring_args(n: int, mode: str, stride: int | None, key: str = "scorer") -> None:
+def check_scoring_args(n: int, mode: str, stride: int | None, key: str = "scorer", sink=False,
+                       attention: str = "auto") -> None:
+    check_sink(sink, f"{key}.sink")
+    check_kernel(attention, f"{key}.attention")
+    if sink == "in_range" and n < 3:
+        raise ValueError(f"{key}.sink=in_range needs n >= 3 (BOS, a token, the target), got n={n}")
+    if sink == "in_range" and attention == "dense":
+        raise ValueError(f"{key}.sink=in_range needs {key}.attention in ['auto', 'flex', 'sdpa'] "
+                         "(the dense mask cannot move the sink); got 'dense'")
     if mode not in MODES:
         raise ValueError(f"{key}.mode={mode!r} is not allowed: choose one of {list(MODES)}")
     if n < 2:
@@ -80,39 +94,46 @@ def short_context_logprobs(
     n: int,
     mode: str = "chunked",
     stride: int | None = None,
-    sink: bool = False,
+    sink: bool | str = False,
     bos_token_id: int | None = None,
     skip_shared: bool = False,
+    attention: str = "auto",
 ) -> Tensor:
     """log p(x_i | at most n preceding tokens) for ``input_ids[:, 1:]``: (B, T-1) float32, no grad.
 
-    ``stride`` (chunked) defaults to the paper's rule for N = T. ``bos_token_id`` defaults to the
-    model config's. ``skip_shared=True`` does not compute the first :func:`shared_targets` targets
-    (their context equals the full one) and leaves them as NaN for the caller to fill.
+    ``stride`` (chunked) defaults to the paper's rule for N = T. ``sink`` (window) is False, True or
+    "in_range"; ``attention`` (window) the kernel, see :mod:`lctw.attention`. ``bos_token_id``
+    defaults to the model config's. ``skip_shared=True`` does not compute the first
+    :func:`shared_targets` targets (their context equals the full one) and leaves them as NaN.
     """
-    check_scoring_args(n, mode, stride)
+    check_scoring_args(n, mode, stride, sink=sink, attention=attention)
     t = input_ids.shape[1]
     if bos_token_id is None:
         bos_token_id = getattr(model.config, "bos_token_id", None)
     with torch.no_grad():
-        if mode == "window" and t <= n + 1:
+        if mode == "window" and t - 1 <= shared_targets(mode, n, sink):
             out = model_logprobs(model, input_ids)  # every target already sees at most n tokens
         elif mode == "window":
-            out = _window(model, input_ids, n, sink)
+            out = _window(model, input_ids, n, sink, attention)
         else:
             out = _chunked(model, input_ids, n, stride or default_stride(n, t), bos_token_id, skip_shared)
     if skip_shared:
-        out[:, : shared_targets(mode, n)] = float("nan")
+        out[:, : shared_targets(mode, n, sink)] = float("nan")
     return out
 
 
-def shared_targets(mode: str, n: int) -> int:
+def shared_targets(mode: str, n: int, sink: bool | str = False) -> int:
     """How many leading targets see exactly the full context in ``mode`` (their score is 0).
 
-    window: targets x_2 … x_{n+1} see all their min(i - 1, n) = i - 1 predecessors. chunked: the first
-    window is the sequence's own first n tokens, so targets x_2 … x_n.
+    window: targets x_2 … x_{n+1} see all their min(i - 1, n) = i - 1 predecessors. chunked and window
+    with the in-range sink: the first window is the sequence's own first n tokens, so targets x_2 … x_n.
     """
-    return n if mode == "window" else n - 1
+    return n if mode == "window" and sink != "in_range" else n - 1
+
+
+def window_width(n: int, sink: bool | str = False) -> int:
+    """Keys per query in window mode: n, or n - 2 before the in-range sink (the n-token window's BOS)."""
+    return n - 2 if sink == "in_range" else n
 
 
 def _chunked(model, ids: Tensor, n: int, stride: int, bos: int | None, skip_first: bool) -> Tensor:
@@ -148,7 +169,11 @@ def window_mask(t: int, n: int, sink: bool, device=None) -> Tensor:
     return allowed
 
 
-def _window(model, ids: Tensor, n: int, sink: bool) -> Tensor:
+def _window(model, ids: Tensor, n: int, sink: bool | str, attention: str) -> Tensor:
+    kernel = resolve_kernel(attention, ids.device)
+    if kernel != "dense":
+        with windowed(model, ids.shape[1], window_width(n, sink), sink, kernel, ids.device) as kwargs:
+            return model_logprobs(model, ids, **kwargs)
     allowed = window_mask(ids.shape[1], n, sink, ids.device)[None, None]
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if impl == "eager":  # eager attention adds the mask to the scores
@@ -160,22 +185,28 @@ def _window(model, ids: Tensor, n: int, sink: bool) -> Tensor:
     else:
         raise ValueError(
             f"scorer.mode=window needs model.attn_implementation in ['sdpa', 'eager'], got {impl!r}; "
-            "use scorer.mode=chunked with this attention implementation"
+            "use scorer.attention=sdpa or flex, or scorer.mode=chunked"
         )
     return model_logprobs(model, ids, attention_mask=mask)
 
 
-def brute_force_logprobs(model, input_ids: Tensor, n: int, sink: bool = False) -> Tensor:
-    """The reference: one forward pass per target on its own context of at most n tokens."""
+def brute_force_logprobs(model, input_ids: Tensor, n: int, sink: bool | str = False) -> Tensor:
+    """The reference: one forward pass per target on its own context of at most n tokens.
+
+    ``sink=True`` prepends the first token at position 0 (true distance); ``"in_range"`` prepends it to
+    the last n - 2 tokens and numbers them 0 … n - 2 (an n-token training window, without its target).
+    """
     b, t = input_ids.shape
     out = torch.empty(b, t - 1)
+    width = window_width(n, sink)
     with torch.no_grad():
         for i in range(1, t):
-            lo = max(0, i - n)
+            lo = max(0, i - width)
             ctx, pos = input_ids[:, lo:i], torch.arange(lo, i)
             if sink and lo > 0:
                 ctx = torch.cat([input_ids[:, :1], ctx], dim=1)
-                pos = torch.cat([torch.zeros(1, dtype=torch.long), pos])
+                first = torch.zeros(1, dtype=torch.long)
+                pos = torch.arange(len(pos) + 1) if sink == "in_range" else torch.cat([first, pos])
             # An explicit causal mask: transformers reads a jump in position_ids as a packed-sequence
             # boundary and would otherwise hide the sink from the window.
             causal = torch.ones(len(pos), len(pos), dtype=torch.bool).tril()[None, None]
@@ -186,14 +217,15 @@ def brute_force_logprobs(model, input_ids: Tensor, n: int, sink: bool = False) -
 
 
 class Scorer:
-    """Base: holds n, mode, stride and sink, validated where they are defined."""
+    """Base: holds n, mode, stride, sink and attention, validated where they are defined."""
 
     def __init__(self, n: int, max_len: int, mode: str = "chunked", stride: int | None = None,
-                 sink: bool = False):
-        check_scoring_args(n, mode, stride)
+                 sink: bool | str = False, attention: str = "auto"):
+        check_scoring_args(n, mode, stride, sink=sink, attention=attention)
         if n >= max_len:
             raise ValueError(f"n={n} must be smaller than N={max_len} (the short context is a part of the long)")
-        self.n, self.max_len, self.mode, self.sink = int(n), int(max_len), mode, bool(sink)
+        self.n, self.max_len, self.mode, self.sink = int(n), int(max_len), mode, check_sink(sink)
+        self.attention = attention
         self.stride = int(stride) if stride is not None else default_stride(n, max_len)
 
     name = "scorer"
@@ -218,7 +250,7 @@ class Scorer:
         scorer_model.eval()
         try:
             return short_context_logprobs(scorer_model, input_ids, self.n, self.mode, self.stride,
-                                          self.sink, skip_shared=skip_shared)
+                                          self.sink, skip_shared=skip_shared, attention=self.attention)
         finally:
             scorer_model.train(was_training)
 
@@ -247,7 +279,7 @@ class SelfScorer(Scorer):
 
     def __call__(self, model, input_ids, long_logprobs):
         short = self._score(model, input_ids, skip_shared=True)
-        k = shared_targets(self.mode, self.n)
+        k = shared_targets(self.mode, self.n, self.sink)
         short[:, :k] = long_logprobs[:, :k].detach().float()
         return short
 

@@ -82,6 +82,9 @@ BAD = [
     (["scorer.stride=256"], r"scorer\.stride=256 does not fit windows of n=256 tokens: allowed 1 … 255"),
     (["scorer=none"], r"weighting=dense needs a scorer: scorer=none allows only weighting=uniform"),
     (["scorer.mode=exact"], r"scorer\.mode='exact' is not allowed: choose one of \['chunked', 'window'\]"),
+    (["scorer.sink=begin"], r"scorer\.sink='begin' is not allowed: choose one of \[False, True, 'in_range'\]"),
+    (["scorer.attention=fast"], r"scorer\.attention='fast' is not allowed: choose one of \['auto', 'flex', 'sdpa'"),
+    (["scorer.sink=in_range", "scorer.attention=dense"], r"scorer\.sink=in_range needs scorer\.attention in"),
 ]
 
 

@@ -35,17 +35,75 @@ def sequences(b=2, t=29, vocab=64, bos=True, seed=0):
     return ids
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("sink", [False, True])
-def test_window_equals_brute_force_for_one_layer(attn, sink):
+KERNELS = [("sdpa", "sdpa"), ("sdpa", "flex"), ("sdpa", "dense"), ("eager", "dense"), ("eager", "sdpa")]
+
+
+@pytest.mark.parametrize("attn, attention", KERNELS)
+@pytest.mark.parametrize("sink", [False, True, "in_range"])
+def test_window_equals_brute_force_for_one_layer(attn, attention, sink):
+    """Every kernel and sink, on a length that is not a multiple of the window (blocked kernel's padding)."""
+    if sink == "in_range" and attention == "dense":
+        pytest.skip("the dense mask cannot move the sink (a clear error, tested in test_config)")
     model = tiny_llama(layers=1, attn=attn)
     ids = sequences()
-    got = short_context_logprobs(model, ids, n=6, mode="window", sink=sink)
+    got = short_context_logprobs(model, ids, n=6, mode="window", sink=sink, attention=attention)
     torch.testing.assert_close(got, brute_force_logprobs(model, ids, n=6, sink=sink), **TOL)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_window_equals_transformers_sliding_window_attention(attn):
+def test_in_range_sink_is_the_window_a_model_trained_at_n_sees():
+    """One layer: in_range equals chunked at stride 1 (every target on [BOS, its n-1 predecessors])."""
+    model = tiny_llama(layers=1)
+    ids = sequences(t=40)
+    for n in (5, 8):
+        window = short_context_logprobs(model, ids, n, "window", sink="in_range")
+        torch.testing.assert_close(window, short_context_logprobs(model, ids, n, "chunked", stride=1), **TOL)
+
+
+def test_in_range_sink_under_yarn_undoes_the_attention_factor():
+    """YaRN scales cos/sin (and so the sink's key) by its attention factor; moving the sink must not
+    apply it twice. Brute force runs the same extended model on each window."""
+    model = tiny_llama(layers=1, max_position_embeddings=64)
+    ContextExtension("yarn", 64, 16, original_max_position_embeddings=16).apply(model)
+    assert model.base_model.rotary_emb.attention_scaling != 1.0
+    ids = sequences(t=50)
+    for attention in ("sdpa", "flex"):
+        got = short_context_logprobs(model, ids, 8, "window", sink="in_range", attention=attention)
+        torch.testing.assert_close(got, brute_force_logprobs(model, ids, 8, sink="in_range"), **TOL)
+
+
+@pytest.mark.parametrize("sink", [False, True, "in_range"])
+def test_window_kernels_agree_with_several_layers(sink):
+    """blocked sdpa, FlexAttention and (where it can) the dense mask compute the same thing, GQA, batch 2."""
+    model = tiny_llama(layers=3)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    for t in (23, 40, 56, 131):
+        ids = sequences(t=t, seed=t)
+        sdpa = short_context_logprobs(model, ids, 8, "window", sink=sink, attention="sdpa")
+        torch.testing.assert_close(short_context_logprobs(model, ids, 8, "window", sink=sink, attention="flex"),
+                                   sdpa, **TOL)
+        if sink != "in_range":
+            torch.testing.assert_close(
+                short_context_logprobs(model, ids, 8, "window", sink=sink, attention="dense"), sdpa, **TOL)
+
+
+def test_window_kernel_choice_and_restored_attention():
+    from lctw.attention import resolve_kernel, windowed
+
+    assert resolve_kernel("auto", "cpu") == "sdpa"
+    assert resolve_kernel("auto", "cuda") == "flex"  # where FlexAttention exists (torch >= 2.5)
+    assert resolve_kernel("dense", "cuda") == "dense"
+    model = tiny_llama(layers=1)
+    with pytest.raises(RuntimeError, match="boom"), windowed(model, 10, 4, False, "sdpa", "cpu"):
+        assert model.config._attn_implementation == "lctw_window"
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():  # outside windowed() the model is the plain causal model again
+        torch.testing.assert_close(model_logprobs(model, sequences()), brute_force_logprobs(model, sequences(), 64))
+
+
+@pytest.mark.parametrize("attn, attention", [("sdpa", "sdpa"), ("sdpa", "flex"), ("sdpa", "dense"),
+                                             ("eager", "dense")])
+def test_window_equals_transformers_sliding_window_attention(attn, attention):
     """With several layers, window mode is sliding-window attention (Mistral's, same weights)."""
     model = tiny_llama(layers=3, attn=attn)
     swa = MistralForCausalLM(MistralConfig(**{**model.config.to_dict(), "sliding_window": 6}))
@@ -54,7 +112,8 @@ def test_window_equals_transformers_sliding_window_attention(attn):
     ids = sequences()
     with torch.no_grad():
         reference = model_logprobs(swa.eval(), ids)
-    torch.testing.assert_close(short_context_logprobs(model, ids, 6, "window"), reference, **TOL)
+    torch.testing.assert_close(short_context_logprobs(model, ids, 6, "window", attention=attention), reference,
+                               **TOL)
 
 
 def test_window_with_several_layers_is_not_per_target_truncation():
@@ -121,25 +180,30 @@ def test_short_sequences_and_the_paper_stride():
     assert default_stride(8192, 32768) == 6144
 
 
-@pytest.mark.parametrize("mode", ["chunked", "window"])
-def test_first_shared_targets_equal_the_long_pass(mode):
-    model = tiny_llama(layers=2)
-    ids = sequences()
-    k = shared_targets(mode, 8)
-    torch.testing.assert_close(short_context_logprobs(model, ids, 8, mode)[:, :k],
-                               model_logprobs(model, ids).detach()[:, :k], **TOL)
+MODES = [("chunked", False), ("window", False), ("window", True), ("window", "in_range")]
 
 
-@pytest.mark.parametrize("mode", ["chunked", "window"])
-def test_self_scorer_reuses_long_logprobs_and_matches_plain_scoring(mode):
+@pytest.mark.parametrize("mode, sink", MODES)
+def test_first_shared_targets_equal_the_long_pass(mode, sink):
     model = tiny_llama(layers=2)
     ids = sequences()
-    scorer = SelfScorer(n=8, max_len=29, mode=mode, stride=5)
+    k = shared_targets(mode, 8, sink)
+    short, long = short_context_logprobs(model, ids, 8, mode, sink=sink), model_logprobs(model, ids).detach()
+    torch.testing.assert_close(short[:, :k], long[:, :k], **TOL)
+    if sink is not True:  # tight: the next target already sees less (with a true sink, one more is shared)
+        assert (short[:, k] - long[:, k]).abs().min() > 1e-4
+
+
+@pytest.mark.parametrize("mode, sink", MODES)
+def test_self_scorer_reuses_long_logprobs_and_matches_plain_scoring(mode, sink):
+    model = tiny_llama(layers=2)
+    ids = sequences()
+    scorer = SelfScorer(n=8, max_len=29, mode=mode, stride=5, sink=sink)
     long = model_logprobs(model, ids)
     short = scorer(model, ids, long)
-    k = shared_targets(mode, 8)
+    k = shared_targets(mode, 8, sink)
     assert torch.equal(short[:, :k], long.detach()[:, :k])  # reused, not recomputed: score exactly 0
-    torch.testing.assert_close(short, short_context_logprobs(model, ids, 8, mode, stride=5), **TOL)
+    torch.testing.assert_close(short, short_context_logprobs(model, ids, 8, mode, stride=5, sink=sink), **TOL)
     assert not short.requires_grad and model.training is False
 
 

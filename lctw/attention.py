@@ -1,0 +1,226 @@
+"""Sliding-window (+ sink) attention for one-pass ``window`` scoring (:mod:`lctw.scoring`).
+
+In every layer the query at position q sees the ``width`` keys q - width < k <= q and, with a sink,
+the first token of the row once it has left that window (q >= width). Where the sink is seen:
+
+* ``sink="true"``: at its true position 0 (distance q), as a model run on the whole row would;
+* ``sink="in_range"``: right before the window, at position q - width (distance ``width``). With
+  RoPE only distances enter attention, so each query then sees exactly what it would see as the
+  last token of its own window [sink, x_{q-width+1} … x_q] at positions 0 … width: a model never
+  trained on distances beyond its short context scores in range.
+
+Kernels (``scorer.attention``), all exact to float rounding (tested against each other and against
+brute force):
+
+* ``flex``: FlexAttention with a sliding-window block mask (only the blocks within the window are
+  computed, O(T·n)); the in-range sink is a ``score_mod`` that swaps in its re-rotated logit.
+  Compiled on the GPU; on the CPU it runs as written (forward only, slow, for checks).
+* ``sdpa``: blocked sliding window through ``scaled_dot_product_attention``: queries in blocks of
+  ``width`` attend to their own and the previous block of keys (O(T·n) memory and time) plus one
+  sink column, whose per-query logit rides in one extra head dimension ([q, s/scale]·[0, 1] = s).
+* ``dense``: the model's own attention with an explicit (T, T) mask (any attention implementation
+  that takes a 4D mask); the reference, O(T²). No in-range sink.
+* ``auto``: ``flex`` on CUDA when FlexAttention is available, else ``sdpa``.
+
+The kernels replace the model's attention through transformers' ``AttentionInterface`` for one
+forward pass (:func:`windowed`), with no mask built by transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KERNELS = ("auto", "flex", "sdpa", "dense")
+SINKS = (False, True, "in_range")
+NAME = "lctw_window"
+
+
+def check_sink(sink, key: str = "scorer.sink") -> bool | str:
+    """``sink`` as one of :data:`SINKS` (None counts as False); a clear error for anything else."""
+    if sink is None or sink is False or sink is True or sink == "in_range":
+        return bool(sink) if sink != "in_range" else sink
+    raise ValueError(f"{key}={sink!r} is not allowed: choose one of {list(SINKS)}")
+
+
+def check_kernel(kernel: str, key: str = "scorer.attention") -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"{key}={kernel!r} is not allowed: choose one of {list(KERNELS)}")
+    return kernel
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_kernel(kernel: str, device) -> str:
+    """``auto`` -> ``flex`` on CUDA with FlexAttention, else ``sdpa``."""
+    check_kernel(kernel)
+    if kernel != "auto":
+        return kernel
+    return "flex" if torch.device(device).type == "cuda" and flex_available() else "sdpa"
+
+
+@dataclass
+class Window:
+    """What one windowed forward pass needs: window width, sink, kernel and (in range) the sink's RoPE."""
+
+    width: int
+    sink: bool | str  # False | True | "in_range"
+    kernel: str
+    rope: tuple[Tensor, Tensor] | None = None  # (cos, sin) (T, D) rotating the raw sink key to q - width
+    cache: dict = field(default_factory=dict)  # per pass: the flex block mask
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def sink_rope(model, t: int, width: int, device) -> tuple[Tensor, Tensor]:
+    """cos/sin that move the raw sink key from position 0 to max(0, q - width), for every q < t.
+
+    Taken from the model's own rotary embedding (so every RoPE variant and its attention factor
+    apply), divided by its value at position 0 to undo the attention factor already in the key.
+    """
+    rotary = getattr(model.base_model, "rotary_emb", None)
+    if rotary is None:
+        raise ValueError(
+            f"scorer.sink=in_range needs a RoPE model with a shared rotary embedding; "
+            f"{type(model).__name__} has none: use scorer.sink=true or false"
+        )
+    pos = (torch.arange(t, device=device) - width).clamp(min=0)
+    dtype = next(model.parameters()).dtype
+    probe = torch.zeros(1, dtype=torch.float32, device=device)
+    cos, sin = rotary(probe, torch.cat([torch.zeros(1, dtype=torch.long, device=device), pos])[None])
+    cos, sin = cos[0].float(), sin[0].float()
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    if cos.shape[-1] != head_dim:
+        raise ValueError(
+            f"scorer.sink=in_range needs RoPE on the whole head ({head_dim} dims); this model rotates "
+            f"{cos.shape[-1]} (partial rotary): use scorer.sink=true or false"
+        )
+    factor = cos[:1]  # position 0: cos = attention factor, sin = 0
+    return (cos[1:] / factor).to(dtype), (sin[1:] / factor).to(dtype)
+
+
+def sink_logits(query: Tensor, key: Tensor, window: Window, scaling: float) -> Tensor:
+    """(B, H, T): each query's logit for the sink key moved to its in-range position max(0, q - width)."""
+    groups = query.shape[1] // key.shape[1]
+    k0 = key[:, :, 0].repeat_interleave(groups, dim=1)[:, :, None]  # (B, H, 1, D), at position 0
+    cos, sin = window.rope
+    return (query * (k0 * cos + rotate_half(k0) * sin)).sum(-1) * scaling
+
+
+def sdpa_window(query: Tensor, key: Tensor, value: Tensor, window: Window, scaling: float) -> Tensor:
+    """Blocked sliding-window attention: (B, H, T, D) -> (B, H, T, D)."""
+    b, h, t, d = query.shape
+    hk, w = key.shape[1], window.width
+    nb = -(-t // w)
+    pad = nb * w - t
+    q = F.pad(query, (0, 0, 0, pad)).view(b, h, nb, w, d)
+    k = F.pad(key, (0, 0, w, pad)).unfold(2, 2 * w, w).transpose(-1, -2)  # (B, Hk, nb, 2w, D)
+    v = F.pad(value, (0, 0, w, pad)).unfold(2, 2 * w, w).transpose(-1, -2)
+    qq = torch.arange(w, device=query.device)[:, None]
+    kk = torch.arange(2 * w, device=query.device)[None, :]
+    blocks = torch.arange(nb, device=query.device)[:, None, None]
+    mask = (qq < kk) & (kk <= qq + w) & ((blocks > 0) | (kk >= w))  # (nb, w, 2w): causal, in window, real
+    if window.sink is True:  # one more key column: the sink itself, at its true position
+        k = torch.cat([k, key[:, :, :1, None].expand(b, hk, nb, 1, d)], dim=-2)
+        v = torch.cat([v, value[:, :, :1, None].expand(b, hk, nb, 1, d)], dim=-2)
+    elif window.sink == "in_range":  # its per-query logit s rides in one extra dimension: [q, s/scale]·[0, 1]
+        s = F.pad(sink_logits(query, key, window, scaling), (0, pad)).view(b, h, nb, w, 1)
+        q = torch.cat([q, s / scaling], dim=-1)
+        sink_key = torch.zeros(b, hk, nb, 1, d + 1, dtype=k.dtype, device=k.device)
+        sink_key[..., d] = 1
+        k = torch.cat([F.pad(k, (0, 1)), sink_key], dim=-2)
+        # values get the extra (zero) dimension too: equal q/k/v head sizes keep the fused kernel
+        v = F.pad(torch.cat([v, value[:, :, :1, None].expand(b, hk, nb, 1, d)], dim=-2), (0, 1))
+    if window.sink:
+        seen = (blocks * w + qq >= w).expand(nb, w, 1)  # the sink has left the window
+        mask = torch.cat([mask, seen], dim=-1)
+    q = q.transpose(1, 2).reshape(b * nb, h, w, -1)
+    k = k.transpose(1, 2).reshape(b * nb, hk, k.shape[-2], -1)
+    v = v.transpose(1, 2).reshape(b * nb, hk, v.shape[-2], -1)
+    mask = mask[None].expand(b, -1, -1, -1).reshape(b * nb, 1, w, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=hk != h)
+    return out[..., :d].reshape(b, nb, h, w, d).transpose(1, 2).reshape(b, h, nb * w, d)[:, :, :t]
+
+
+def flex_window(query: Tensor, key: Tensor, value: Tensor, window: Window, scaling: float) -> Tensor:
+    """FlexAttention with a sliding-window (+ sink) block mask: (B, H, T, D) -> (B, H, T, D)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    t, w, sink = query.shape[2], window.width, bool(window.sink)
+    if "block_mask" not in window.cache:
+        def mask_mod(b, h, q, k):
+            inside = (k <= q) & (q - k < w)
+            return (inside | (k == 0)) if sink else inside
+
+        window.cache["block_mask"] = create_block_mask(mask_mod, None, None, t, t, device=query.device)
+    score_mod = None
+    if window.sink == "in_range":
+        s = sink_logits(query, key, window, scaling)
+
+        def score_mod(score, b, h, q, k):
+            return torch.where((k == 0) & (q >= w), s[b, h, q].to(score.dtype), score)
+
+    kwargs = dict(score_mod=score_mod, block_mask=window.cache["block_mask"], scale=scaling,
+                  enable_gqa=key.shape[1] != query.shape[1])
+    if query.is_cuda:
+        return _compiled_flex()(query, key, value, **kwargs)
+    with warnings.catch_warnings():  # on the CPU, uncompiled flex is the forward-only reference path
+        warnings.filterwarnings("ignore", message=".*flex_attention.*")
+        return flex_attention(query, key, value, **kwargs)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def window_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     lctw_window: Window | None = None, **kwargs):
+    """transformers' attention-function signature; returns ((B, T, H, D), None)."""
+    if lctw_window is None:
+        raise RuntimeError(f"attention {NAME!r} runs only inside lctw.attention.windowed()")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    kernel = flex_window if lctw_window.kernel == "flex" else sdpa_window
+    out = kernel(query, key, value, lctw_window, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, window_attention)
+
+
+@contextlib.contextmanager
+def windowed(model, t: int, width: int, sink, kernel: str, device):
+    """Run ``model`` with sliding-window attention for one pass: yields the forward kwargs to pass."""
+    sink = check_sink(sink)
+    kernel = resolve_kernel(kernel, device)
+    if kernel == "dense":
+        raise ValueError("windowed() runs the flex and sdpa kernels; dense uses the model's own attention")
+    rope = sink_rope(model, t, width, device) if sink == "in_range" else None
+    _register()
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = NAME
+    try:
+        yield {"lctw_window": Window(width, sink, kernel, rope)}
+    finally:
+        model.config._attn_implementation = previous
