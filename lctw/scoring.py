@@ -13,15 +13,16 @@ for every target x_2 … x_T, in one of two modes:
   row's first token (BOS): ``true`` at its true distance (position 0); ``in_range`` right before a
   window of n - 2 tokens, so each target is predicted exactly as the last target of an n-token
   training window [BOS, x_{i-n+2} … x_{i-1}, x_i] (positions 0 … n - 1): the model is never asked
-  about a distance it was not trained on (with one layer, ``in_range`` equals ``chunked`` at stride 1). With one layer every
-  variant *is* each target on its own window, because RoPE depends only on relative distance (tested
-  against brute force). With L layers it is not: hidden states of the window's positions already
-  carry information from up to n - 1 positions further back, so x_i's prediction can depend on the
-  last L·(n - 1) + 1 tokens. No single pass of length T can be exact for L > 1 (each window needs its
-  own hidden states: T·n of them); ``window`` is instead exactly the model run with sliding-window
-  attention of width n (tested against transformers' Mistral sliding-window implementation with the
-  same weights). The first n targets are exact in both modes. ``attention`` picks the kernel
-  (``auto``: FlexAttention on CUDA, blocked sdpa elsewhere; ``dense``: a (T, T) mask).
+  about a distance it was not trained on (with one layer, ``in_range`` equals ``chunked`` at
+  stride 1). With one layer every variant *is* each target on its own window, because RoPE depends
+  only on relative distance (tested against brute force). With L layers it is not: hidden states of
+  the window's positions already carry information from up to n - 1 positions further back, so x_i's
+  prediction can depend on the last L·(n - 1) + 1 tokens. No single pass of length T can be exact for
+  L > 1 (each window needs its own hidden states: T·n of them); ``window`` is instead exactly the
+  model run with sliding-window attention of width n (tested against transformers' Mistral
+  sliding-window implementation with the same weights). The first :func:`shared_targets` targets are
+  exact in every mode. ``attention`` picks the kernel (``auto``: FlexAttention on CUDA, blocked sdpa
+  elsewhere; ``dense``: the model's attention with a (T, T) mask).
 
 The scorers (``conf/scorer``) choose θ': ``none`` (uniform baseline), ``self`` (θ itself, context cut
 to n), ``frozen`` (θ0 before context extension, fixed) and ``small`` (another model, same vocabulary).
