@@ -11,6 +11,7 @@ loss, backward, AdamW step. Variants and targets::
     cache          precomputed θ0 scores read with the batch (lctw.cache)      target <= 1.05
     self-chunked   θ itself at context n, chunked windows                      target <= 1.35
     self-window    θ itself at context n, one sliding-window pass              target <= 1.35
+    self-in-range  the same with the in-range sink (scorer.sink=in_range)      target <= 1.35
     small          a separate model of about 1/4 the parameters                 target <= 1.15
     frozen         θ0 in memory (reference)
 
@@ -37,7 +38,8 @@ import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TARGETS = {"cache": 1.05, "self-chunked": 1.35, "self-window": 1.35, "small": 1.15, "frozen": None}
+TARGETS = {"cache": 1.05, "self-chunked": 1.35, "self-window": 1.35, "self-in-range": 1.35, "small": 1.15,
+           "frozen": None}
 
 
 def build_llama(vocab, hidden, layers, heads, kv_heads, intermediate, max_pos, dtype, device, seed):
@@ -79,6 +81,7 @@ def main(argv=None) -> dict:
     p.add_argument("--chunk-size", type=int, default=1024, help="LM-head rows per chunk in the loss")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds (default 3)")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds (default 15)")
+    p.add_argument("--attention", default="auto", help="window kernel: auto | flex | sdpa | dense (default auto)")
     p.add_argument("--variants", default=",".join(["none", *TARGETS]), help="comma-separated")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -87,6 +90,7 @@ def main(argv=None) -> dict:
     import datasets
     import torch
 
+    from lctw.attention import resolve_kernel
     from lctw.cache import SCORES, CachedScorer, row_checksum
     from lctw.data import collate
     from lctw.module import TokenWeightingLM
@@ -129,7 +133,9 @@ def main(argv=None) -> dict:
         "none": (NoScorer(n, t), Uniform(), "plain"),
         "cache": (CachedScorer(frozen_ref, Path(tmp) / "scored"), Dense(0.75), "scored"),
         "self-chunked": (SelfScorer(n, t, mode="chunked"), Dense(0.75), "plain"),
-        "self-window": (SelfScorer(n, t, mode="window"), Dense(0.75), "plain"),
+        "self-window": (SelfScorer(n, t, mode="window", attention=args.attention), Dense(0.75), "plain"),
+        "self-in-range": (SelfScorer(n, t, mode="window", sink="in_range", attention=args.attention), Dense(0.75),
+                          "plain"),
         "small": (small_scorer, Dense(0.75), "plain"),
         "frozen": (frozen_ref, Dense(0.75), "plain"),
     }
@@ -180,6 +186,7 @@ def main(argv=None) -> dict:
         results[v] = entry
     report = {
         "setup": {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "T": t, "n": n,
+                  "attention": resolve_kernel(args.attention, device),
                   "batch": args.batch, "chunk_size": args.chunk_size, "warmup": args.warmup, "repeats": args.repeats,
                   "model": {"hidden": h, "layers": layers, "vocab": args.vocab, "params": params(theta)},
                   "small": {"hidden": sh, "layers": sl, "params": params(small),
@@ -189,6 +196,7 @@ def main(argv=None) -> dict:
         "results": results,
     }
     print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} T={t} n={n} batch={args.batch} "
+          f"window attention={report['setup']['attention']} "
           f"params={params(theta):,} small={params(small):,} ({params(small) / params(theta):.2f}x) "
           f"rounds={args.repeats} (+{args.warmup} warm-up)")
     print(f"{'variant':<14}{'median ms':>11}{'IQR ms':>9}{'ratio':>8}{'paired':>8}{'target':>8}  ok")

@@ -100,7 +100,6 @@ def sink_rope(model, t: int, width: int, device) -> tuple[Tensor, Tensor]:
             f"{type(model).__name__} has none: use scorer.sink=true or false"
         )
     pos = (torch.arange(t, device=device) - width).clamp(min=0)
-    dtype = next(model.parameters()).dtype
     probe = torch.zeros(1, dtype=torch.float32, device=device)
     cos, sin = rotary(probe, torch.cat([torch.zeros(1, dtype=torch.long, device=device), pos])[None])
     cos, sin = cos[0].float(), sin[0].float()
@@ -111,7 +110,7 @@ def sink_rope(model, t: int, width: int, device) -> tuple[Tensor, Tensor]:
             f"{cos.shape[-1]} (partial rotary): use scorer.sink=true or false"
         )
     factor = cos[:1]  # position 0: cos = attention factor, sin = 0
-    return (cos[1:] / factor).to(dtype), (sin[1:] / factor).to(dtype)
+    return cos[1:] / factor, sin[1:] / factor
 
 
 def sink_logits(query: Tensor, key: Tensor, window: Window, scaling: float) -> Tensor:
@@ -119,46 +118,58 @@ def sink_logits(query: Tensor, key: Tensor, window: Window, scaling: float) -> T
     groups = query.shape[1] // key.shape[1]
     k0 = key[:, :, 0].repeat_interleave(groups, dim=1)[:, :, None]  # (B, H, 1, D), at position 0
     cos, sin = window.rope
-    return (query * (k0 * cos + rotate_half(k0) * sin)).sum(-1) * scaling
+    k0 = k0.float() * cos + rotate_half(k0.float()) * sin
+    return ((query.float() * k0).sum(-1) * scaling).to(query.dtype)
 
 
 def sdpa_window(query: Tensor, key: Tensor, value: Tensor, window: Window, scaling: float) -> Tensor:
-    """Blocked sliding-window attention: (B, H, T, D) -> (B, H, T, D)."""
+    """Blocked sliding-window attention: (B, H, T, D) -> (B, T, H, D).
+
+    Block j of ``width`` queries attends to key blocks j - 1 and j (2·width keys, masked to the
+    window) and, with a sink, one more key column. Every tensor is written once, in the layout
+    ``scaled_dot_product_attention`` takes: (B·blocks, heads, rows, head size).
+    """
     b, h, t, d = query.shape
     hk, w = key.shape[1], window.width
     nb = -(-t // w)
     pad = nb * w - t
-    q = F.pad(query, (0, 0, 0, pad)).view(b, h, nb, w, d)
-    k = F.pad(key, (0, 0, w, pad)).unfold(2, 2 * w, w).transpose(-1, -2)  # (B, Hk, nb, 2w, D)
-    v = F.pad(value, (0, 0, w, pad)).unfold(2, 2 * w, w).transpose(-1, -2)
+    sink, in_range = bool(window.sink), window.sink == "in_range"
+    dd = d + in_range  # in range, the sink's per-query logit s rides in one extra dimension: [q, s/scale]·[0, 1]
+    cols = 2 * w + sink
+
+    def blocks(x: Tensor) -> Tensor:  # (B, heads, T, D) -> (B, nb, heads, w, D), a view unless padded
+        return F.pad(x, (0, 0, 0, pad)).view(*x.shape[:2], nb, w, x.shape[-1]).transpose(1, 2)
+
+    q = query.new_empty(b, nb, h, w, dd)
+    q[..., :d] = blocks(query)
+    kb = key.new_zeros(b, nb, hk, cols, dd)
+    vb = value.new_zeros(b, nb, hk, cols, dd)  # equal q/k/v head sizes keep the fused kernel
+    for x, out in ((key, kb), (value, vb)):
+        xb = blocks(x)
+        out[:, :, :, w : 2 * w, :d] = xb
+        out[:, 1:, :, :w, :d] = xb[:, :-1]
+    if sink:
+        vb[:, :, :, -1, :d] = value[:, None, :, 0]
+        if in_range:
+            q[..., d] = blocks(sink_logits(query, key, window, scaling)[..., None] / scaling)[..., 0]
+            kb[:, :, :, -1, d] = 1
+        else:  # the sink itself, at its true position
+            kb[:, :, :, -1, :d] = key[:, None, :, 0]
     qq = torch.arange(w, device=query.device)[:, None]
     kk = torch.arange(2 * w, device=query.device)[None, :]
-    blocks = torch.arange(nb, device=query.device)[:, None, None]
-    mask = (qq < kk) & (kk <= qq + w) & ((blocks > 0) | (kk >= w))  # (nb, w, 2w): causal, in window, real
-    if window.sink is True:  # one more key column: the sink itself, at its true position
-        k = torch.cat([k, key[:, :, :1, None].expand(b, hk, nb, 1, d)], dim=-2)
-        v = torch.cat([v, value[:, :, :1, None].expand(b, hk, nb, 1, d)], dim=-2)
-    elif window.sink == "in_range":  # its per-query logit s rides in one extra dimension: [q, s/scale]·[0, 1]
-        s = F.pad(sink_logits(query, key, window, scaling), (0, pad)).view(b, h, nb, w, 1)
-        q = torch.cat([q, s / scaling], dim=-1)
-        sink_key = torch.zeros(b, hk, nb, 1, d + 1, dtype=k.dtype, device=k.device)
-        sink_key[..., d] = 1
-        k = torch.cat([F.pad(k, (0, 1)), sink_key], dim=-2)
-        # values get the extra (zero) dimension too: equal q/k/v head sizes keep the fused kernel
-        v = F.pad(torch.cat([v, value[:, :, :1, None].expand(b, hk, nb, 1, d)], dim=-2), (0, 1))
-    if window.sink:
-        seen = (blocks * w + qq >= w).expand(nb, w, 1)  # the sink has left the window
-        mask = torch.cat([mask, seen], dim=-1)
-    q = q.transpose(1, 2).reshape(b * nb, h, w, -1)
-    k = k.transpose(1, 2).reshape(b * nb, hk, k.shape[-2], -1)
-    v = v.transpose(1, 2).reshape(b * nb, hk, v.shape[-2], -1)
-    mask = mask[None].expand(b, -1, -1, -1).reshape(b * nb, 1, w, -1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=hk != h)
-    return out[..., :d].reshape(b, nb, h, w, d).transpose(1, 2).reshape(b, h, nb * w, d)[:, :, :t]
+    j = torch.arange(nb, device=query.device)[:, None, None]
+    mask = (qq < kk) & (kk <= qq + w) & ((j > 0) | (kk >= w))  # (nb, w, 2w): causal, in window, real
+    if sink:
+        mask = torch.cat([mask, (j * w + qq >= w).expand(nb, w, 1)], dim=-1)  # once the sink left the window
+    mask = mask[None].expand(b, nb, w, cols).reshape(b * nb, 1, w, cols)
+    out = F.scaled_dot_product_attention(q.view(b * nb, h, w, dd), kb.view(b * nb, hk, cols, dd),
+                                         vb.view(b * nb, hk, cols, dd), attn_mask=mask, scale=scaling,
+                                         enable_gqa=hk != h)
+    return out.view(b, nb, h, w, dd)[..., :d].transpose(2, 3).reshape(b, nb * w, h, d)[:, :t]
 
 
 def flex_window(query: Tensor, key: Tensor, value: Tensor, window: Window, scaling: float) -> Tensor:
-    """FlexAttention with a sliding-window (+ sink) block mask: (B, H, T, D) -> (B, H, T, D)."""
+    """FlexAttention with a sliding-window (+ sink) block mask: (B, H, T, D) -> (B, T, H, D)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     t, w, sink = query.shape[2], window.width, bool(window.sink)
@@ -178,10 +189,10 @@ def flex_window(query: Tensor, key: Tensor, value: Tensor, window: Window, scali
     kwargs = dict(score_mod=score_mod, block_mask=window.cache["block_mask"], scale=scaling,
                   enable_gqa=key.shape[1] != query.shape[1])
     if query.is_cuda:
-        return _compiled_flex()(query, key, value, **kwargs)
+        return _compiled_flex()(query, key, value, **kwargs).transpose(1, 2)
     with warnings.catch_warnings():  # on the CPU, uncompiled flex is the forward-only reference path
         warnings.filterwarnings("ignore", message=".*flex_attention.*")
-        return flex_attention(query, key, value, **kwargs)
+        return flex_attention(query, key, value, **kwargs).transpose(1, 2)
 
 
 @functools.cache
@@ -199,8 +210,7 @@ def window_attention(module, query, key, value, attention_mask, dropout: float =
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     kernel = flex_window if lctw_window.kernel == "flex" else sdpa_window
-    out = kernel(query, key, value, lctw_window, scaling)
-    return out.transpose(1, 2).contiguous(), None
+    return kernel(query, key, value, lctw_window, scaling).contiguous(), None
 
 
 def _register() -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lctw.attention import check_kernel, check_sink, resolve_kernel, windowed
@@ -48,20 +49,22 @@ def logprobs_of(logits: Tensor, targets: Tensor) -> Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def model_logprobs(model, input_ids: Tensor, chunk_size: int | None = 1024, **kwargs) -> Tensor:
+def model_logprobs(model, input_ids: Tensor, chunk_size: int | None = 1024, first: int = 0, **kwargs) -> Tensor:
     """Log-probs of ``input_ids[:, 1:]`` under ``model`` given everything before them: (B, T-1) float32.
 
     With ``chunk_size`` the LM head runs in chunks of rows (:func:`lctw.loss.token_logprobs`), so no
     (T, V) logits tensor exists in forward or backward; ``None`` takes the model's full logits. Models
-    that post-process logits (soft-capping, a logit scale) always take the full logits.
+    that post-process logits (soft-capping, a logit scale) always take the full logits. ``first`` > 0
+    skips the LM head for the first targets (NaN in the result).
     """
     head = model.get_output_embeddings()
     post = any(getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
     if chunk_size is None or head is None or post or not hasattr(head, "weight"):
         logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1]
         return logprobs_of(logits, input_ids[:, 1:])
-    hidden = model.base_model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state[:, :-1]
-    return token_logprobs(hidden, head.weight, input_ids[:, 1:], getattr(head, "bias", None), chunk_size)
+    hidden = model.base_model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state[:, first:-1]
+    out = token_logprobs(hidden, head.weight, input_ids[:, first + 1 :], getattr(head, "bias", None), chunk_size)
+    return F.pad(out, (first, 0), value=float("nan")) if first else out
 
 
 def default_stride(n: int, max_len: int) -> int:
@@ -115,7 +118,7 @@ def short_context_logprobs(
         if mode == "window" and t - 1 <= shared_targets(mode, n, sink):
             out = model_logprobs(model, input_ids)  # every target already sees at most n tokens
         elif mode == "window":
-            out = _window(model, input_ids, n, sink, attention)
+            out = _window(model, input_ids, n, sink, attention, shared_targets(mode, n, sink) if skip_shared else 0)
         else:
             out = _chunked(model, input_ids, n, stride or default_stride(n, t), bos_token_id, skip_shared)
     if skip_shared:
@@ -170,11 +173,11 @@ def window_mask(t: int, n: int, sink: bool, device=None) -> Tensor:
     return allowed
 
 
-def _window(model, ids: Tensor, n: int, sink: bool | str, attention: str) -> Tensor:
+def _window(model, ids: Tensor, n: int, sink: bool | str, attention: str, skip: int) -> Tensor:
     kernel = resolve_kernel(attention, ids.device)
     if kernel != "dense":
         with windowed(model, ids.shape[1], window_width(n, sink), sink, kernel, ids.device) as kwargs:
-            return model_logprobs(model, ids, **kwargs)
+            return model_logprobs(model, ids, first=skip, **kwargs)
     allowed = window_mask(ids.shape[1], n, sink, ids.device)[None, None]
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if impl == "eager":  # eager attention adds the mask to the scores
@@ -188,7 +191,7 @@ def _window(model, ids: Tensor, n: int, sink: bool | str, attention: str) -> Ten
             f"scorer.mode=window needs model.attn_implementation in ['sdpa', 'eager'], got {impl!r}; "
             "use scorer.attention=sdpa or flex, or scorer.mode=chunked"
         )
-    return model_logprobs(model, ids, attention_mask=mask)
+    return model_logprobs(model, ids, first=skip, attention_mask=mask)
 
 
 def brute_force_logprobs(model, input_ids: Tensor, n: int, sink: bool | str = False) -> Tensor:
