@@ -86,6 +86,22 @@ def test_window_kernels_agree_with_several_layers(sink):
                 short_context_logprobs(model, ids, 8, "window", sink=sink, attention="dense"), sdpa, **TOL)
 
 
+@pytest.mark.parametrize("sink", [False, True, "in_range"])
+def test_blocked_sdpa_kernel_for_every_block_size(sink):
+    """The blocked kernel alone, against FlexAttention on the same q/k/v: blocks smaller than, equal to
+    and larger than the window, and lengths that are not multiples of the block."""
+    from lctw.attention import Window, flex_window, sdpa_window
+
+    g = torch.Generator().manual_seed(0)
+    for t, w in ((37, 8), (64, 16), (50, 5)):
+        q, k, v = (torch.randn(2, heads, t, 16, generator=g) for heads in (4, 2, 2))
+        rope = (torch.randn(t, 16, generator=g), torch.randn(t, 16, generator=g)) if sink == "in_range" else None
+        want = flex_window(q, k, v, Window(w, sink, "flex", rope), 0.25)
+        for block in (1, 3, w // 2, w, 2 * w + 1, None):
+            got = sdpa_window(q, k, v, Window(w, sink, "sdpa", rope, block=block), 0.25)
+            torch.testing.assert_close(got, want, **TOL)
+
+
 def test_window_kernel_choice_and_restored_attention():
     from lctw.attention import resolve_kernel, windowed
 
