@@ -194,7 +194,9 @@ def flex_window(query: Tensor, key: Tensor, value: Tensor, window: Window, scali
             inside = (k <= q) & (q - k < w)
             return (inside | (k == 0)) if sink else inside
 
-        window.cache["block_mask"] = create_block_mask(mask_mod, None, None, t, t, device=query.device)
+        # compiled on the GPU: the block mask is then built block by block, never as a (T, T) tensor
+        window.cache["block_mask"] = create_block_mask(mask_mod, None, None, t, t, device=query.device,
+                                                       _compile=query.is_cuda)
     score_mod = None
     if window.sink == "in_range":
         s = sink_logits(query, key, window, scaling)

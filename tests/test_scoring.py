@@ -248,3 +248,21 @@ def test_frozen_scorer_keeps_theta0_through_extension_and_training():
 def test_bad_scorer_arguments_name_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FrozenScorer(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (compiled FlexAttention)")
+@pytest.mark.parametrize("sink", [False, True, "in_range"])
+def test_window_kernels_on_cuda(sink):
+    """Compiled FlexAttention and blocked sdpa on the GPU agree with the CPU reference (float32) and
+    with each other in bfloat16."""
+    cpu = tiny_llama(layers=2, max_position_embeddings=512)
+    ids = sequences(t=300, seed=1)
+    ref = short_context_logprobs(cpu, ids, 64, "window", sink=sink, attention="sdpa")
+    gpu = copy.deepcopy(cpu).cuda()
+    for attention in ("flex", "sdpa"):
+        got = short_context_logprobs(gpu, ids.cuda(), 64, "window", sink=sink, attention=attention).cpu()
+        torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+    half = gpu.to(torch.bfloat16)
+    flex = short_context_logprobs(half, ids.cuda(), 64, "window", sink=sink, attention="flex")
+    sdpa = short_context_logprobs(half, ids.cuda(), 64, "window", sink=sink, attention="sdpa")
+    assert (flex - sdpa).abs().mean() < 0.05
