@@ -74,6 +74,14 @@ def test_group_interpolations_follow_n_and_N(tmp_path):
     assert (cfg.scorer.n, cfg.scorer.max_len, cfg.data.max_len) == (100, 800, 800)
 
 
+@pytest.mark.parametrize("sink", ["false", "true", "in_range"])
+def test_window_sink_and_kernel_compose_from_the_command_line(sink, tmp_path):
+    cfg = compose(["scorer=self", "scorer.mode=window", f"scorer.sink={sink}", "scorer.attention=flex"],
+                  cache=str(tmp_path))
+    scorer = instantiate(cfg.scorer)
+    assert scorer.sink == {"false": False, "true": True}.get(sink, sink) and scorer.attention == "flex"
+
+
 BAD = [
     (["weighting.lam=1.5"], r"weighting\.lam=1\.5 is out of range: allowed \[0, 1\]"),
     (["weighting=sparse", "weighting.kappa=0"], r"weighting\.kappa=0 is out of range: allowed \(0, 1\]"),
