@@ -3,7 +3,7 @@
 In every layer the query at position q sees the ``width`` keys q - width < k <= q and, with a sink,
 the first token of the row once it has left that window (q >= width). Where the sink is seen:
 
-* ``sink="true"``: at its true position 0 (distance q), as a model run on the whole row would;
+* ``sink=True``: at its true position 0 (distance q), as a model run on the whole row would;
 * ``sink="in_range"``: right before the window, at position q - width (distance ``width``). With
   RoPE only distances enter attention, so each query then sees exactly what it would see as the
   last token of its own window [sink, x_{q-width+1} … x_q] at positions 0 … width: a model never
@@ -15,9 +15,10 @@ brute force):
 * ``flex``: FlexAttention with a sliding-window block mask (only the blocks within the window are
   computed, O(T·n)); the in-range sink is a ``score_mod`` that swaps in its re-rotated logit.
   Compiled on the GPU; on the CPU it runs as written (forward only, slow, for checks).
-* ``sdpa``: blocked sliding window through ``scaled_dot_product_attention``: queries in blocks of
-  ``width`` attend to their own and the previous block of keys (O(T·n) memory and time) plus one
-  sink column, whose per-query logit rides in one extra head dimension ([q, s/scale]·[0, 1] = s).
+* ``sdpa``: blocked sliding window through ``scaled_dot_product_attention`` (its fused kernel):
+  each block of queries attends to the ``width`` keys before it and its own (O(T·n) memory and
+  time) plus one sink column; the in-range sink's per-query logit s rides in one extra head
+  dimension ([q, s/scale]·[0, 1] = s).
 * ``dense``: the model's own attention with an explicit (T, T) mask (any attention implementation
   that takes a 4D mask); the reference, O(T²). No in-range sink.
 * ``auto``: ``flex`` on CUDA when FlexAttention is available, else ``sdpa``.
@@ -80,7 +81,7 @@ class Window:
     kernel: str
     rope: tuple[Tensor, Tensor] | None = None  # (cos, sin) (T, D) rotating the raw sink key to q - width
     block: int | None = None  # sdpa: queries per block (None: max(128, width / 4), at most width)
-    cache: dict = field(default_factory=dict)  # per pass: the flex block mask
+    cache: dict = field(default_factory=dict)  # per pass, shared by the layers: the masks
 
 
 def rotate_half(x: Tensor) -> Tensor:
