@@ -194,29 +194,32 @@ def _window(model, ids: Tensor, n: int, sink: bool | str, attention: str, skip: 
     return model_logprobs(model, ids, first=skip, attention_mask=mask)
 
 
-def brute_force_logprobs(model, input_ids: Tensor, n: int, sink: bool | str = False) -> Tensor:
+def brute_force_logprobs(model, input_ids: Tensor, n: int, sink: bool | str = False,
+                         targets: list[int] | None = None) -> Tensor:
     """The reference: one forward pass per target on its own context of at most n tokens.
 
     ``sink=True`` prepends the first token at position 0 (true distance); ``"in_range"`` prepends it to
     the last n - 2 tokens and numbers them 0 … n - 2 (an n-token training window, without its target).
+    ``targets`` (indices into the (B, T-1) result) computes only those; the rest is NaN.
     """
     b, t = input_ids.shape
-    out = torch.empty(b, t - 1)
+    dev = input_ids.device
+    out = torch.full((b, t - 1), float("nan"))
     width = window_width(n, sink)
     with torch.no_grad():
-        for i in range(1, t):
+        for i in (range(1, t) if targets is None else [j + 1 for j in targets]):
             lo = max(0, i - width)
-            ctx, pos = input_ids[:, lo:i], torch.arange(lo, i)
+            ctx, pos = input_ids[:, lo:i], torch.arange(lo, i, device=dev)
             if sink and lo > 0:
                 ctx = torch.cat([input_ids[:, :1], ctx], dim=1)
-                first = torch.zeros(1, dtype=torch.long)
-                pos = torch.arange(len(pos) + 1) if sink == "in_range" else torch.cat([first, pos])
+                first = torch.zeros(1, dtype=torch.long, device=dev)
+                pos = torch.arange(len(pos) + 1, device=dev) if sink == "in_range" else torch.cat([first, pos])
             # An explicit causal mask: transformers reads a jump in position_ids as a packed-sequence
             # boundary and would otherwise hide the sink from the window.
-            causal = torch.ones(len(pos), len(pos), dtype=torch.bool).tril()[None, None]
+            causal = torch.ones(len(pos), len(pos), dtype=torch.bool, device=dev).tril()[None, None]
             logits = model(input_ids=ctx, position_ids=pos[None].expand(b, -1), attention_mask=causal,
                            use_cache=False).logits
-            out[:, i - 1] = logprobs_of(logits[:, -1:], input_ids[:, i : i + 1])[:, 0]
+            out[:, i - 1] = logprobs_of(logits[:, -1:], input_ids[:, i : i + 1])[:, 0].cpu()
     return out
 
 

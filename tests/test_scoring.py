@@ -266,3 +266,12 @@ def test_window_kernels_on_cuda(sink):
     flex = short_context_logprobs(half, ids.cuda(), 64, "window", sink=sink, attention="flex")
     sdpa = short_context_logprobs(half, ids.cuda(), 64, "window", sink=sink, attention="sdpa")
     assert (flex - sdpa).abs().mean() < 0.05
+
+
+def test_brute_force_on_selected_targets():
+    model = tiny_llama(layers=1)
+    ids = sequences(t=20)
+    full = brute_force_logprobs(model, ids, 6, "in_range")
+    some = brute_force_logprobs(model, ids, 6, "in_range", targets=[3, 11, 18])
+    torch.testing.assert_close(some[:, [3, 11, 18]], full[:, [3, 11, 18]])
+    assert some.isnan().sum() == 2 * (19 - 3)
