@@ -21,7 +21,8 @@ brute force):
   dimension ([q, s/scale]·[0, 1] = s).
 * ``dense``: the model's own attention with an explicit (T, T) mask (any attention implementation
   that takes a 4D mask); the reference, O(T²). No in-range sink.
-* ``auto``: ``flex`` on CUDA when FlexAttention is available, else ``sdpa``.
+* ``auto``: ``flex`` on CUDA when FlexAttention is available, else ``sdpa``; should FlexAttention
+  fail (an old GPU, a compiler problem), a warning is logged and ``sdpa`` is used from then on.
 
 The kernels replace the model's attention through transformers' ``AttentionInterface`` for one
 forward pass (:func:`windowed`), with no mask built by transformers.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import warnings
 from dataclasses import dataclass, field
 
@@ -41,6 +43,8 @@ from torch import Tensor
 KERNELS = ("auto", "flex", "sdpa", "dense")
 SINKS = (False, True, "in_range")
 NAME = "lctw_window"
+_FLEX_FAILED: list[str] = []  # errors of FlexAttention under ``auto``: the process falls back to sdpa
+log = logging.getLogger(__name__)
 
 
 def check_sink(sink, key: str = "scorer.sink") -> bool | str:
@@ -65,11 +69,11 @@ def flex_available() -> bool:
 
 
 def resolve_kernel(kernel: str, device) -> str:
-    """``auto`` -> ``flex`` on CUDA with FlexAttention, else ``sdpa``."""
+    """``auto`` -> ``flex`` on CUDA with FlexAttention (unless it failed in this process), else ``sdpa``."""
     check_kernel(kernel)
     if kernel != "auto":
         return kernel
-    return "flex" if torch.device(device).type == "cuda" and flex_available() else "sdpa"
+    return "flex" if torch.device(device).type == "cuda" and flex_available() and not _FLEX_FAILED else "sdpa"
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Window:
     kernel: str
     rope: tuple[Tensor, Tensor] | None = None  # (cos, sin) (T, D) rotating the raw sink key to q - width
     block: int | None = None  # sdpa: queries per block (None: max(128, width / 4), at most width)
+    auto: bool = False  # chosen by ``auto``: a failing flex falls back to sdpa instead of raising
     cache: dict = field(default_factory=dict)  # per pass, shared by the layers: the masks
 
 
@@ -228,8 +233,16 @@ def window_attention(module, query, key, value, attention_mask, dropout: float =
         raise RuntimeError(f"attention {NAME!r} runs only inside lctw.attention.windowed()")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    kernel = flex_window if lctw_window.kernel == "flex" else sdpa_window
-    return kernel(query, key, value, lctw_window, scaling).contiguous(), None
+    if lctw_window.kernel == "flex":
+        try:
+            return flex_window(query, key, value, lctw_window, scaling).contiguous(), None
+        except Exception as err:  # noqa: BLE001 - only ``auto`` falls back; an explicit choice raises
+            if not lctw_window.auto:
+                raise
+            _FLEX_FAILED.append(repr(err))
+            log.warning("FlexAttention failed (%r); scorer.attention=auto uses sdpa from now on", err)
+            lctw_window.kernel = "sdpa"
+    return sdpa_window(query, key, value, lctw_window, scaling).contiguous(), None
 
 
 def _register() -> None:
@@ -242,6 +255,7 @@ def _register() -> None:
 def windowed(model, t: int, width: int, sink, kernel: str, device):
     """Run ``model`` with sliding-window attention for one pass: yields the forward kwargs to pass."""
     sink = check_sink(sink)
+    auto = kernel == "auto"
     kernel = resolve_kernel(kernel, device)
     if kernel == "dense":
         raise ValueError("windowed() runs the flex and sdpa kernels; dense uses the model's own attention")
@@ -250,6 +264,6 @@ def windowed(model, t: int, width: int, sink, kernel: str, device):
     previous = model.config._attn_implementation
     model.config._attn_implementation = NAME
     try:
-        yield {"lctw_window": Window(width, sink, kernel, rope)}
+        yield {"lctw_window": Window(width, sink, kernel, rope, auto=auto)}
     finally:
         model.config._attn_implementation = previous

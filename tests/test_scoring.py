@@ -102,6 +102,30 @@ def test_blocked_sdpa_kernel_for_every_block_size(sink):
             torch.testing.assert_close(got, want, **TOL)
 
 
+def test_auto_falls_back_to_sdpa_when_flex_fails(monkeypatch, caplog):
+    """Under ``auto`` a failing FlexAttention (e.g. no compiler on a GPU node) degrades to sdpa with a
+    warning; an explicit ``attention=flex`` raises."""
+    from lctw import attention
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no triton")
+
+    monkeypatch.setattr(attention, "flex_window", broken)
+    monkeypatch.setattr(attention, "_FLEX_FAILED", [])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 20, 8, generator=g) for _ in range(3))
+    want = attention.sdpa_window(q, k, v, attention.Window(4, False, "sdpa"), 0.3)
+    window = attention.Window(4, False, "flex", auto=True)
+    with caplog.at_level("WARNING", logger="lctw.attention"):
+        got, _ = attention.window_attention(None, q, k, v, None, scaling=0.3, lctw_window=window)
+    torch.testing.assert_close(got, want)
+    assert "FlexAttention failed" in caplog.text and window.kernel == "sdpa"
+    assert attention.resolve_kernel("auto", "cuda") == "sdpa"  # the rest of the run
+    with pytest.raises(RuntimeError, match="no triton"):
+        attention.window_attention(None, q, k, v, None, scaling=0.3,
+                                   lctw_window=attention.Window(4, False, "flex"))
+
+
 def test_window_kernel_choice_and_restored_attention():
     from lctw.attention import resolve_kernel, windowed
 
