@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.lctw-installed
 
-.PHONY: install run test test-slow lint clean-cache
+.PHONY: install run test test-slow lint bench clean-cache
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,19 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Every CPU figure of the README's "Score cache and speed" section, as JSON under $(BENCH) (about 30 min
+# on 2 cores; GPU: run the scripts with --device cuda --dtype bfloat16, see their --help).
+BENCH  ?= outputs/benchmarks
+bench: $(STAMP)
+	mkdir -p $(BENCH)
+	$(PY) benchmarks/overhead.py --threads 1 --T 1024 --n 256 --repeats 30 --warmup 3 --out $(BENCH)/overhead.json
+	$(PY) benchmarks/scoring_throughput.py --threads 1 --T 1024 --rows 32 --batch 4 --mode chunked \
+		--out $(BENCH)/throughput_chunked.json
+	for sink in false true in_range; do $(PY) benchmarks/scoring_throughput.py --threads 1 --T 1024 --rows 32 \
+		--batch 4 --mode window --sink $$sink --out $(BENCH)/throughput_window_$$sink.json || exit 1; done
+	$(PY) benchmarks/loss_memory.py --T 8192 --V 32768 --D 256 --out $(BENCH)/loss_memory.json
+	$(PY) benchmarks/window_fidelity.py --T 1024 --n 256 --targets 64 --rows 2 --out $(BENCH)/window_fidelity.json
 
 lint: $(STAMP)
 	$(PY) -m ruff check lctw tests benchmarks train.py score.py
