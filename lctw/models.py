@@ -120,13 +120,15 @@ class TinyLlama(HFModel):
         from transformers import PreTrainedTokenizerFast
 
         tok_dir = self.root / f"tokenizer-{self.arch['vocab_size']}"
-        if not (tok_dir / "tokenizer.json").exists():
-            train_tokenizer(self.arch["vocab_size"], tok_dir)
+        with _build_lock(tok_dir):
+            if not (tok_dir / "tokenizer.json").exists():
+                train_tokenizer(self.arch["vocab_size"], tok_dir)
         return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
 
     def load(self):
-        if not (self.path / "config.json").exists():
-            self.pretrain()
+        with _build_lock(self.path):  # DDP ranks / parallel sweep jobs on a fresh cache: one builds, the rest wait
+            if not (self.path / "config.json").exists():
+                self.pretrain()
         return super().load()
 
     def pretrain(self) -> None:
@@ -178,6 +180,14 @@ class TinyLlama(HFModel):
 
     def describe(self) -> str:
         return f"tiny:{self.path.name}"
+
+
+def _build_lock(path: Path):
+    """An inter-process lock beside ``path`` (``filelock``, which transformers and datasets depend on)."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")
 
 
 def bpe_tokenizer(texts, vocab_size: int, add_bos: bool = False):
