@@ -86,6 +86,7 @@ class Window:
     rope: tuple[Tensor, Tensor] | None = None  # (cos, sin) (T, D) rotating the raw sink key to q - width
     block: int | None = None  # sdpa: queries per block (None: max(128, width / 4), at most width)
     auto: bool = False  # chosen by ``auto``: a failing flex falls back to sdpa instead of raising
+    calls: int = 0  # attention layers that ran the window kernel in this pass
     cache: dict = field(default_factory=dict)  # per pass, shared by the layers: the masks
 
 
@@ -99,6 +100,7 @@ def sink_rope(model, t: int, width: int, device) -> tuple[Tensor, Tensor]:
 
     Taken from the model's own rotary embedding (so every RoPE variant and its attention factor
     apply), divided by its value at position 0 to undo the attention factor already in the key.
+    Assumes the split-half rotation of the Llama family (Llama, Mistral, Qwen, SmolLM2).
     """
     rotary = getattr(model.base_model, "rotary_emb", None)
     if rotary is None:
@@ -106,9 +108,14 @@ def sink_rope(model, t: int, width: int, device) -> tuple[Tensor, Tensor]:
             f"scorer.sink=in_range needs a RoPE model with a shared rotary embedding; "
             f"{type(model).__name__} has none: use scorer.sink=true or false"
         )
-    pos = (torch.arange(t, device=device) - width).clamp(min=0)
+    # The same positions as the forward pass: RoPE variants whose frequencies depend on the length
+    # (dynamic NTK, LongRoPE) then rotate the sink exactly as they rotate the queries.
     probe = torch.zeros(1, dtype=torch.float32, device=device)
-    cos, sin = rotary(probe, torch.cat([torch.zeros(1, dtype=torch.long, device=device), pos])[None])
+    try:
+        cos, sin = rotary(probe, torch.arange(t, device=device)[None])
+    except TypeError as err:  # e.g. per-layer-type rotary embeddings
+        raise ValueError(f"scorer.sink=in_range cannot use {type(rotary).__name__} ({err}): use scorer.sink=true "
+                         "or false") from err
     cos, sin = cos[0].float(), sin[0].float()
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     if cos.shape[-1] != head_dim:
@@ -116,17 +123,24 @@ def sink_rope(model, t: int, width: int, device) -> tuple[Tensor, Tensor]:
             f"scorer.sink=in_range needs RoPE on the whole head ({head_dim} dims); this model rotates "
             f"{cos.shape[-1]} (partial rotary): use scorer.sink=true or false"
         )
+    pos = (torch.arange(t, device=device) - width).clamp(min=0)
     factor = cos[:1]  # position 0: cos = attention factor, sin = 0
-    return cos[1:] / factor, sin[1:] / factor
+    return cos[pos] / factor, sin[pos] / factor
 
 
-def sink_logits(query: Tensor, key: Tensor, window: Window, scaling: float) -> Tensor:
-    """(B, H, T): each query's logit for the sink key moved to its in-range position max(0, q - width)."""
-    groups = query.shape[1] // key.shape[1]
-    k0 = key[:, :, 0].repeat_interleave(groups, dim=1)[:, :, None]  # (B, H, 1, D), at position 0
+def sink_logits(query: Tensor, key: Tensor, window: Window, scaling: float, chunk: int = 4096) -> Tensor:
+    """(B, H, T) float32: each query's logit for the sink key moved to its in-range position
+    max(0, q - width); in chunks of queries, so no (B, H, T, D) float32 temporaries exist."""
+    b, h, t, _ = query.shape
+    k0 = key[:, :, 0].float().repeat_interleave(h // key.shape[1], dim=1)[:, :, None]  # (B, H, 1, D), position 0
+    k0_rot = rotate_half(k0)
     cos, sin = window.rope
-    k0 = k0.float() * cos + rotate_half(k0.float()) * sin
-    return ((query.float() * k0).sum(-1) * scaling).to(query.dtype)
+    out = torch.empty(b, h, t, dtype=torch.float32, device=query.device)
+    for s in range(0, t, chunk):
+        e = min(t, s + chunk)
+        moved = k0 * cos[s:e] + k0_rot * sin[s:e]  # (B, H, chunk, D)
+        out[:, :, s:e] = (query[:, :, s:e].float() * moved).sum(-1) * scaling
+    return out
 
 
 def block_mask(w: int, bs: int, nb: int, sink: bool, b: int, dtype, device) -> Tensor:
@@ -173,7 +187,7 @@ def sdpa_window(query: Tensor, key: Tensor, value: Tensor, window: Window, scali
         kb[:, :, :, :span, d] = 0
         vb[..., d] = 0
         s = F.pad(sink_logits(query, key, window, scaling) / scaling, (0, pad))
-        q[..., d] = s.view(b, h, nb, bs).transpose(1, 2)
+        q[..., d] = s.to(q.dtype).view(b, h, nb, bs).transpose(1, 2)
     if sink:
         vb[:, :, :, -1, :d] = value[:, None, :, 0]
         if in_range:
@@ -208,7 +222,7 @@ def flex_window(query: Tensor, key: Tensor, value: Tensor, window: Window, scali
         s = sink_logits(query, key, window, scaling)
 
         def score_mod(score, b, h, q, k):
-            return torch.where((k == 0) & (q >= w), s[b, h, q].to(score.dtype), score)
+            return torch.where((k == 0) & (q >= w), s[b, h, q], score)  # both float32
 
     kwargs = dict(score_mod=score_mod, block_mask=window.cache["block_mask"], scale=scaling,
                   enable_gqa=key.shape[1] != query.shape[1])
@@ -223,7 +237,7 @@ def flex_window(query: Tensor, key: Tensor, value: Tensor, window: Window, scali
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 def window_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -231,11 +245,22 @@ def window_attention(module, query, key, value, attention_mask, dropout: float =
     """transformers' attention-function signature; returns ((B, T, H, D), None)."""
     if lctw_window is None:
         raise RuntimeError(f"attention {NAME!r} runs only inside lctw.attention.windowed()")
+    for option in ("softcap", "s_aux"):  # options of the model's attention the window kernels do not implement
+        if kwargs.get(option) is not None:
+            raise ValueError(f"scorer.mode=window cannot run this model's attention ({option}): "
+                             "use scorer.mode=chunked")
+    own = kwargs.get("sliding_window")
+    if own is not None and own < lctw_window.width:
+        raise ValueError(f"this model's layers attend to {own} keys only, fewer than the scoring window "
+                         f"({lctw_window.width}): use scorer.mode=chunked or a smaller n")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    lctw_window.calls += 1
     if lctw_window.kernel == "flex":
         try:
             return flex_window(query, key, value, lctw_window, scaling).contiguous(), None
+        except torch.cuda.OutOfMemoryError:
+            raise
         except Exception as err:  # noqa: BLE001 - only ``auto`` falls back; an explicit choice raises
             if not lctw_window.auto:
                 raise
@@ -261,9 +286,17 @@ def windowed(model, t: int, width: int, sink, kernel: str, device):
         raise ValueError("windowed() runs the flex and sdpa kernels; dense uses the model's own attention")
     rope = sink_rope(model, t, width, device) if sink == "in_range" else None
     _register()
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = NAME
+    config = model.config
+    previous = {"": config._attn_implementation}  # sub-configs (composite models) may differ: restore each
+    for sub in getattr(config, "sub_configs", {}) or {}:
+        if getattr(config, sub, None) is not None:
+            previous[sub] = getattr(config, sub)._attn_implementation
+    config._attn_implementation = NAME
+    window = Window(width, sink, kernel, rope, auto=auto)
     try:
-        yield {"lctw_window": Window(width, sink, kernel, rope, auto=auto)}
+        yield {"lctw_window": window}
     finally:
-        model.config._attn_implementation = previous
+        config._attn_implementation = previous
+    if window.calls == 0:
+        raise ValueError(f"{type(model).__name__}'s attention does not go through transformers' AttentionInterface, "
+                         "so the window kernels never ran: use scorer.attention=dense or scorer.mode=chunked")

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lctw.attention import check_kernel, check_sink, resolve_kernel, windowed
+from lctw.attention import check_kernel, check_sink, windowed
 from lctw.loss import token_logprobs
 
 MODES = ("chunked", "window")
@@ -61,7 +61,9 @@ def model_logprobs(model, input_ids: Tensor, chunk_size: int | None = 1024, firs
     post = any(getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
     if chunk_size is None or head is None or post or not hasattr(head, "weight"):
         logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1]
-        return logprobs_of(logits, input_ids[:, 1:])
+        out = logprobs_of(logits, input_ids[:, 1:])
+        out[:, :first] = float("nan")
+        return out
     hidden = model.base_model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state[:, first:-1]
     out = token_logprobs(hidden, head.weight, input_ids[:, first + 1 :], getattr(head, "bias", None), chunk_size)
     return F.pad(out, (first, 0), value=float("nan")) if first else out
@@ -76,9 +78,9 @@ def check_scoring_args(n: int, mode: str, stride: int | None, key: str = "scorer
                        attention: str = "auto") -> None:
     check_sink(sink, f"{key}.sink")
     check_kernel(attention, f"{key}.attention")
-    if sink == "in_range" and n < 3:
+    if mode == "window" and sink == "in_range" and n < 3:
         raise ValueError(f"{key}.sink=in_range needs n >= 3 (BOS, a token, the target), got n={n}")
-    if sink == "in_range" and attention == "dense":
+    if mode == "window" and sink == "in_range" and attention == "dense":
         raise ValueError(f"{key}.sink=in_range needs {key}.attention in ['auto', 'flex', 'sdpa'] "
                          "(the dense mask cannot move the sink); got 'dense'")
     if mode not in MODES:
@@ -174,10 +176,10 @@ def window_mask(t: int, n: int, sink: bool, device=None) -> Tensor:
 
 
 def _window(model, ids: Tensor, n: int, sink: bool | str, attention: str, skip: int) -> Tensor:
-    kernel = resolve_kernel(attention, ids.device)
-    if kernel != "dense":
-        with windowed(model, ids.shape[1], window_width(n, sink), sink, kernel, ids.device) as kwargs:
-            return model_logprobs(model, ids, first=skip, **kwargs)
+    if attention != "dense":  # windowed() resolves auto itself (and may fall back from flex to sdpa)
+        with windowed(model, ids.shape[1], window_width(n, sink), sink, attention, ids.device) as kwargs:
+            out = model_logprobs(model, ids, first=skip, **kwargs)
+        return out
     allowed = window_mask(ids.shape[1], n, sink, ids.device)[None, None]
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if impl == "eager":  # eager attention adds the mask to the scores

@@ -92,7 +92,8 @@ BAD = [
     (["scorer.mode=exact"], r"scorer\.mode='exact' is not allowed: choose one of \['chunked', 'window'\]"),
     (["scorer.sink=begin"], r"scorer\.sink='begin' is not allowed: choose one of \[False, True, 'in_range'\]"),
     (["scorer.attention=fast"], r"scorer\.attention='fast' is not allowed: choose one of \['auto', 'flex', 'sdpa'"),
-    (["scorer.sink=in_range", "scorer.attention=dense"], r"scorer\.sink=in_range needs scorer\.attention in"),
+    (["scorer.mode=window", "scorer.sink=in_range", "scorer.attention=dense"],
+     r"scorer\.sink=in_range needs scorer\.attention in"),
 ]
 
 

@@ -104,7 +104,7 @@ def test_blocked_sdpa_kernel_for_every_block_size(sink):
 
 def test_auto_falls_back_to_sdpa_when_flex_fails(monkeypatch, caplog):
     """Under ``auto`` a failing FlexAttention (e.g. no compiler on a GPU node) degrades to sdpa with a
-    warning; an explicit ``attention=flex`` raises."""
+    warning, through the real scoring call; an explicit ``attention=flex`` raises."""
     from lctw import attention
 
     def broken(*args, **kwargs):
@@ -112,18 +112,48 @@ def test_auto_falls_back_to_sdpa_when_flex_fails(monkeypatch, caplog):
 
     monkeypatch.setattr(attention, "flex_window", broken)
     monkeypatch.setattr(attention, "_FLEX_FAILED", [])
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 20, 8, generator=g) for _ in range(3))
-    want = attention.sdpa_window(q, k, v, attention.Window(4, False, "sdpa"), 0.3)
-    window = attention.Window(4, False, "flex", auto=True)
+    monkeypatch.setattr(attention, "flex_available", lambda: True)
+    real_resolve = attention.resolve_kernel
+    monkeypatch.setattr(attention, "resolve_kernel", lambda k, device: real_resolve(k, "cuda"))  # as on a GPU
+    model, ids = tiny_llama(layers=2), sequences(t=40)
+    want = short_context_logprobs(model, ids, 8, "window", sink="in_range", attention="sdpa")
     with caplog.at_level("WARNING", logger="lctw.attention"):
-        got, _ = attention.window_attention(None, q, k, v, None, scaling=0.3, lctw_window=window)
+        got = short_context_logprobs(model, ids, 8, "window", sink="in_range", attention="auto")
     torch.testing.assert_close(got, want)
-    assert "FlexAttention failed" in caplog.text and window.kernel == "sdpa"
-    assert attention.resolve_kernel("auto", "cuda") == "sdpa"  # the rest of the run
+    assert "FlexAttention failed" in caplog.text and attention._FLEX_FAILED
+    assert real_resolve("auto", "cuda") == "sdpa"  # for the rest of the process
     with pytest.raises(RuntimeError, match="no triton"):
-        attention.window_attention(None, q, k, v, None, scaling=0.3,
-                                   lctw_window=attention.Window(4, False, "flex"))
+        short_context_logprobs(model, ids, 8, "window", attention="flex")
+
+
+def test_in_range_sink_follows_length_dependent_rope():
+    """Dynamic NTK picks its frequencies from the pass's length: the sink must be rotated with the
+    frequencies of the same pass (the rotary embedding evaluated at the pass's positions)."""
+    from lctw.attention import sink_rope
+
+    model = tiny_llama(layers=1, max_position_embeddings=64)
+    ContextExtension("dynamic", 256, 16).apply(model)
+    t, width = 200, 6
+    cos, sin = sink_rope(model, t, width, "cpu")
+    full_cos, full_sin = model.base_model.rotary_emb(torch.zeros(1), torch.arange(t)[None])
+    pos = (torch.arange(t) - width).clamp(min=0)
+    torch.testing.assert_close(cos, full_cos[0, pos] / full_cos[0, :1])
+    torch.testing.assert_close(sin, full_sin[0, pos] / full_cos[0, :1])
+    torch.testing.assert_close(short_context_logprobs(model, sequences(t=t), 8, "window", sink="in_range",
+                                                      attention="flex"),
+                               short_context_logprobs(model, sequences(t=t), 8, "window", sink="in_range"), **TOL)
+
+
+def test_window_refuses_attention_options_it_does_not_implement():
+    """Soft-capped attention logits (Gemma 2) would be silently dropped: refused with a clear error."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=1, head_dim=16, intermediate_size=64,
+                                           attn_logit_softcapping=50.0, sliding_window=64,
+                                           attn_implementation="eager")).eval()
+    with pytest.raises(ValueError, match=r"scorer\.mode=window cannot run this model's attention \(softcap\)"):
+        short_context_logprobs(model, sequences(t=30), 8, "window")
 
 
 def test_window_kernel_choice_and_restored_attention():
