@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers.models.llama.modeling_llama import rotate_half  # the split-half rotation in_range assumes
 
 KERNELS = ("auto", "flex", "sdpa", "dense")
 SINKS = (False, True, "in_range")
@@ -88,11 +89,6 @@ class Window:
     auto: bool = False  # chosen by ``auto``: a failing flex falls back to sdpa instead of raising
     calls: int = 0  # attention layers that ran the window kernel in this pass
     cache: dict = field(default_factory=dict)  # per pass, shared by the layers: the masks
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def sink_rope(model, t: int, width: int, device) -> tuple[Tensor, Tensor]:
