@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.models.llama.modeling_llama import rotate_half  # the split-half rotation in_range assumes
 
+from lctw.context import rope_head_dim
+
 KERNELS = ("auto", "flex", "sdpa", "dense")
 SINKS = (False, True, "in_range")
 NAME = "lctw_window"
@@ -113,7 +115,7 @@ def sink_rope(model, t: int, width: int, device) -> tuple[Tensor, Tensor]:
         raise ValueError(f"scorer.sink=in_range cannot use {type(rotary).__name__} ({err}): use scorer.sink=true "
                          "or false") from err
     cos, sin = cos[0].float(), sin[0].float()
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    head_dim = rope_head_dim(model.config)
     if cos.shape[-1] != head_dim:
         raise ValueError(
             f"scorer.sink=in_range needs RoPE on the whole head ({head_dim} dims); this model rotates "

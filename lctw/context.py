@@ -49,7 +49,7 @@ class ContextExtension:
         if self.method == "theta":
             theta = self.params.get("rope_theta")
             if theta is None:
-                head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+                head_dim = rope_head_dim(config)
                 theta = old["rope_theta"] * (self.max_len / self.n) ** (head_dim / (head_dim - 2))
             return {**old, "rope_type": old.get("rope_type", "default"), "rope_theta": float(theta)}
         new = {"rope_theta": old["rope_theta"], "rope_type": self.method, **self.params}
@@ -64,6 +64,11 @@ class ContextExtension:
         config.max_position_embeddings = self.n if self.method == "dynamic" else self.max_len
         config.validate_rope()
         _rebuild_rotary(model)
+
+
+def rope_head_dim(config) -> int:
+    """The attention head size: ``config.head_dim`` where set, else hidden size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _rebuild_rotary(model) -> None:
