@@ -43,7 +43,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/window_fidelity.py --T 1024 --n 256 --targets 64 --rows 2 --out $(BENCH)/window_fidelity.json
 
 lint: $(STAMP)
-	$(PY) -m ruff check lctw tests benchmarks train.py score.py
+	$(PY) -m ruff check lctw tests benchmarks train.py score.py eval.py
 
 clean-cache:
 	rm -rf outputs/cache

@@ -8,7 +8,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from lctw.experiment import evaluate
+from lctw.evaluation import evaluate
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")

@@ -1,4 +1,4 @@
-"""Fill the score cache: run a frozen scorer once over the tokenized train data (lctw/cache.py).
+"""Fill the score cache: run a frozen scorer once over the tokenized train data (lctw/cache/).
 
 Same configuration and overrides as train.py, plus the ``score.*`` options of conf/score.yaml::
 
@@ -13,12 +13,12 @@ Prints the cache directory.
 import hydra
 from omegaconf import DictConfig
 
-from lctw.experiment import score
+from lctw.cache.fill import fill_cache
 
 
 @hydra.main(config_path="conf", config_name="score", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    score(cfg)
+    fill_cache(cfg)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python train.py                                          # the CPU default experiment
     python train.py -m weighting=dense,sparse scorer=frozen,self
+    python train.py experiment=base                          # the base stage θ0, as a run of its own
     python train.py experiment=paper_llama3 trainer=gpu
 """
 

@@ -91,10 +91,10 @@ def main(argv=None) -> dict:
     import torch
 
     from lctw.attention import resolve_kernel
-    from lctw.cache import SCORES, CachedScorer, row_checksum
+    from lctw.cache.store import SHORT, row_checksum
     from lctw.data import collate
     from lctw.module import TokenWeightingLM
-    from lctw.scoring import FrozenScorer, NoScorer, SelfScorer
+    from lctw.scorers import CachedScorer, NoScorer, SelfScorer, SmallScorer, frozen_copy
     from lctw.weighting import Dense, Uniform
 
     warnings.filterwarnings("ignore")  # self.log() outside a Trainer warns once per call site
@@ -115,20 +115,19 @@ def main(argv=None) -> dict:
     rows = args.batch * 8
     ids = torch.randint(3, args.vocab, (rows, t), generator=g)
     ids[:, 0] = 1
-    frozen_ref = FrozenScorer(n, t)
-    frozen_ref.setup(theta)
+    frozen_ref = frozen_copy(theta, n, t)
     with torch.no_grad():
-        short = torch.cat([frozen_ref(None, ids[i : i + 1].to(device), None).cpu() for i in range(rows)])
+        short = torch.cat([frozen_ref(None, {"input_ids": ids[i : i + 1].to(device)}, None).cpu()
+                           for i in range(rows)])
     tmp = tempfile.mkdtemp(prefix="lctw-overhead-")
     plain = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "length": [t] * rows})
     plain.save_to_disk(f"{tmp}/plain")
-    scored = plain.add_column(SCORES, short.tolist()).add_column("checksum", row_checksum(ids).tolist())
+    scored = plain.add_column(SHORT, short.tolist()).add_column("checksum", row_checksum(ids).tolist())
     scored.save_to_disk(f"{tmp}/scored")
     sets = {"plain": datasets.load_from_disk(f"{tmp}/plain").with_format("torch"),
             "scored": datasets.load_from_disk(f"{tmp}/scored").with_format("torch")}
 
-    small_scorer = FrozenScorer(n, t)
-    small_scorer.model, small_scorer.name = small, "small"
+    small_scorer = SmallScorer(None, n, t).use(small)
     scorers = {
         "none": (NoScorer(n, t), Uniform(), "plain"),
         "cache": (CachedScorer(frozen_ref, Path(tmp) / "scored"), Dense(0.75), "scored"),
@@ -143,9 +142,7 @@ def main(argv=None) -> dict:
     modules = {}
     for v in variants:
         scorer, weighting, data = scorers[v]
-        # built with NoScorer, then given the real one: setup() would copy θ once more per module
-        module = TokenWeightingLM(theta, NoScorer(n, t), Uniform(), n=n, chunk_size=args.chunk_size)
-        module.scorer, module.weighting = scorer, weighting
+        module = TokenWeightingLM(theta, scorer, weighting, n=n, chunk_size=args.chunk_size)
         modules[v] = (module, sets[data])
     optimizer = torch.optim.AdamW(theta.parameters(), lr=1e-7)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -191,7 +188,7 @@ def main(argv=None) -> dict:
                   "model": {"hidden": h, "layers": layers, "vocab": args.vocab, "params": params(theta)},
                   "small": {"hidden": sh, "layers": sl, "params": params(small),
                             "params_ratio": params(small) / params(theta)},
-                  "stride": frozen_ref.stride, "torch": torch.__version__, "python": platform.python_version(),
+                  "stride": frozen_ref.short.stride, "torch": torch.__version__, "python": platform.python_version(),
                   "cpu": platform.processor() or platform.machine()},
         "results": results,
     }

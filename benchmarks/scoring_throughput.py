@@ -1,6 +1,6 @@
 """Throughput of the offline scoring pass (``score.py``) vs a plain no-grad forward over the same tokens.
 
-The scoring side is the real pipeline of :func:`lctw.cache.score_rows`: rows read from an on-disk Arrow
+The scoring side is the real pipeline of :func:`lctw.cache.fill.fill_rows`: rows read from an on-disk Arrow
 dataset through a DataLoader, the scorer's forward passes (``short_context_logprobs``: chunked windows, or
 one sliding-window pass), checksums, and Arrow shards written to disk. The baseline is the bare model,
 ``model(input_ids=x).logits`` under ``torch.no_grad()``, over exactly the token tensors the scorer feeds
@@ -58,8 +58,10 @@ def main(argv=None) -> dict:
     from overhead import build_llama, params
 
     from lctw.attention import resolve_kernel
-    from lctw.cache import ScoreCache, score_rows
-    from lctw.scoring import FrozenScorer, default_stride, window_mask
+    from lctw.cache.fill import fill_rows
+    from lctw.cache.store import ScoreCache
+    from lctw.scorers import FrozenScorer
+    from lctw.scoring import default_stride, window_mask
 
     datasets.disable_progress_bars()
     if args.threads:
@@ -69,8 +71,7 @@ def main(argv=None) -> dict:
     model = build_llama(args.vocab, args.hidden, args.layers, args.heads, args.heads, int(2.75 * args.hidden), t,
                         dtype, device, 0).eval().requires_grad_(False)
     sink = {"false": False, "true": True}.get(args.sink, args.sink)
-    scorer = FrozenScorer(n, t, mode=args.mode, sink=sink, attention=args.attention)
-    scorer.model = model
+    scorer = FrozenScorer(n, t, mode=args.mode, sink=sink, attention=args.attention).use(model)
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, args.vocab, (args.rows, t), generator=g)
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
     rows = datasets.load_from_disk(str(tmp / "rows"))
 
     # exactly the tensors the scorer's forward passes see
-    stride = scorer.stride if args.mode == "chunked" else None
+    stride = scorer.short.stride if args.mode == "chunked" else None
     if args.mode == "chunked":
         starts = list(range(0, t - n + 1, stride))
         if (t - n) - starts[-1]:
@@ -102,7 +103,7 @@ def main(argv=None) -> dict:
         cache.path.mkdir()
         sync()
         start = time.perf_counter()
-        score_rows(scorer, model, rows, cache, batch_size=args.batch, progress=False)
+        fill_rows(scorer, rows, cache, batch_size=args.batch, progress=False)
         sync()
         return time.perf_counter() - start
 
@@ -151,7 +152,7 @@ def main(argv=None) -> dict:
     print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} T={t} n={n} mode={args.mode}{window} "
           f"rows={args.rows} batch={args.batch} params={params(model):,} repeats={args.repeats}")
     print(f"{'variant':<34}{'median s':>10}{'tokens/s':>12}")
-    print(f"{'score_rows (pipeline)':<34}{med['scoring']:>10.3f}{tokens / med['scoring']:>12,.0f}")
+    print(f"{'fill_rows (pipeline)':<34}{med['scoring']:>10.3f}{tokens / med['scoring']:>12,.0f}")
     print(f"{'plain no-grad forward, same tokens':<34}{med['forward_same_tokens']:>10.3f}"
           f"{tokens / med['forward_same_tokens']:>12,.0f}")
     print(f"{'plain no-grad forward, rows only':<34}{med['forward_rows']:>10.3f}"

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.models.llama.modeling_llama import rotate_half  # the split-half rotation in_range assumes
 
-from lctw.context import rope_head_dim
+from lctw.context import head_dim
 
 KERNELS = ("auto", "flex", "sdpa", "dense")
 SINKS = (False, True, "in_range")
@@ -50,16 +50,16 @@ _FLEX_FAILED: list[str] = []  # errors of FlexAttention under ``auto``: the proc
 log = logging.getLogger(__name__)
 
 
-def check_sink(sink, key: str = "scorer.sink") -> bool | str:
+def check_sink(sink) -> bool | str:
     """``sink`` as one of :data:`SINKS` (None counts as False); a clear error for anything else."""
     if sink is None or sink is False or sink is True or sink == "in_range":
         return bool(sink) if sink != "in_range" else sink
-    raise ValueError(f"{key}={sink!r} is not allowed: choose one of {list(SINKS)}")
+    raise ValueError(f"sink={sink!r} is not allowed: choose one of {list(SINKS)}")
 
 
-def check_kernel(kernel: str, key: str = "scorer.attention") -> str:
+def check_kernel(kernel: str) -> str:
     if kernel not in KERNELS:
-        raise ValueError(f"{key}={kernel!r} is not allowed: choose one of {list(KERNELS)}")
+        raise ValueError(f"attention={kernel!r} is not allowed: choose one of {list(KERNELS)}")
     return kernel
 
 
@@ -115,10 +115,10 @@ def sink_rope(model, t: int, width: int, device) -> tuple[Tensor, Tensor]:
         raise ValueError(f"scorer.sink=in_range cannot use {type(rotary).__name__} ({err}): use scorer.sink=true "
                          "or false") from err
     cos, sin = cos[0].float(), sin[0].float()
-    head_dim = rope_head_dim(model.config)
-    if cos.shape[-1] != head_dim:
+    whole = head_dim(model.config)
+    if cos.shape[-1] != whole:
         raise ValueError(
-            f"scorer.sink=in_range needs RoPE on the whole head ({head_dim} dims); this model rotates "
+            f"scorer.sink=in_range needs RoPE on the whole head ({whole} dims); this model rotates "
             f"{cos.shape[-1]} (partial rotary): use scorer.sink=true or false"
         )
     pos = (torch.arange(t, device=device) - width).clamp(min=0)

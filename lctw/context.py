@@ -8,7 +8,8 @@ copied before (``lctw.module``) and keeps its original RoPE.
 
     method   parameters (conf/context/<method>.yaml)
     none     -
-    theta    rope_theta (RoPE base scaling, "ABF"; null = base · (N/n)^(d/(d-2)), the NTK-aware rule)
+    theta    rope_theta (RoPE base scaling, "ABF"; null = base · (N/n)^(d/(d-2)) over the d rotated
+             dimensions per head, the NTK-aware rule)
     linear   factor (position interpolation; N/n)
     dynamic  factor (dynamic NTK: frequencies rescale with the current length beyond n)
     yarn     factor, original_max_position_embeddings n, beta_fast, beta_slow
@@ -29,15 +30,15 @@ class ContextExtension:
 
     def __init__(self, method: str, max_len: int, n: int, **params):
         if method not in METHODS:
-            raise ValueError(f"context.method={method!r} is not allowed: choose one of {list(METHODS)}")
-        if n >= max_len:
-            raise ValueError(f"n={n} must be smaller than N={max_len} (context extension goes from n to N)")
+            raise ValueError(f"method={method!r} is not allowed: choose one of {list(METHODS)}")
+        if n > max_len or (n == max_len and method != "none"):
+            raise ValueError(f"n={n} must be smaller than max_len={max_len} (context extension goes from n to N)")
         factor = params.get("factor")
         if factor is not None and factor < 1:
-            raise ValueError(f"context.factor={factor} is out of range: allowed >= 1 (typically N/n)")
+            raise ValueError(f"factor={factor} is out of range: allowed >= 1 (typically N/n)")
         theta = params.get("rope_theta")
         if theta is not None and theta <= 0:
-            raise ValueError(f"context.rope_theta={theta} is out of range: allowed > 0")
+            raise ValueError(f"rope_theta={theta} is out of range: allowed > 0")
         self.method, self.max_len, self.n = method, int(max_len), int(n)
         self.params = {k: v for k, v in params.items() if v is not None}
 
@@ -49,8 +50,8 @@ class ContextExtension:
         if self.method == "theta":
             theta = self.params.get("rope_theta")
             if theta is None:
-                head_dim = rope_head_dim(config)
-                theta = old["rope_theta"] * (self.max_len / self.n) ** (head_dim / (head_dim - 2))
+                d = rotary_dim(config)
+                theta = old["rope_theta"] * (self.max_len / self.n) ** (d / (d - 2))
             return {**old, "rope_type": old.get("rope_type", "default"), "rope_theta": float(theta)}
         new = {"rope_theta": old["rope_theta"], "rope_type": self.method, **self.params}
         new.setdefault("factor", self.max_len / self.n)
@@ -66,9 +67,18 @@ class ContextExtension:
         _rebuild_rotary(model)
 
 
-def rope_head_dim(config) -> int:
+def head_dim(config) -> int:
     """The attention head size: ``config.head_dim`` where set, else hidden size / heads."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rotary_dim(config) -> int:
+    """The number of rotated dimensions per head, as transformers computes it: head size × the
+    ``partial_rotary_factor`` (phi-2 rotates 32 of its 80). The NTK base rule's exponent d/(d-2) is
+    over these dimensions, because only they carry RoPE frequencies."""
+    factor = (config.rope_parameters or {}).get("partial_rotary_factor",
+                                                 getattr(config, "partial_rotary_factor", None) or 1.0)
+    return int(head_dim(config) * factor)
 
 
 def _rebuild_rotary(model) -> None:

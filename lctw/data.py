@@ -90,15 +90,15 @@ class LongDocuments(L.LightningDataModule):
     ):
         super().__init__()
         if source not in SOURCES:
-            raise ValueError(f"data.source={source!r} is not allowed: choose one of {list(SOURCES)}")
+            raise ValueError(f"source={source!r} is not allowed: choose one of {list(SOURCES)}")
         if source == "files" and not path:
-            raise ValueError("data.source=files needs data.path (a file, directory or glob of .txt/.jsonl/.parquet)")
+            raise ValueError("source=files needs path (a file, directory or glob of .txt/.jsonl/.parquet)")
         if source == "hf" and not name:
-            raise ValueError("data.source=hf needs data.name (a datasets name or path, e.g. pg19)")
+            raise ValueError("source=hf needs name (a datasets name or path, e.g. pg19)")
         if val_split is None and not 0 < val_fraction < 1:
-            raise ValueError(f"data.val_fraction={val_fraction} is out of range: allowed (0, 1)")
+            raise ValueError(f"val_fraction={val_fraction} is out of range: allowed (0, 1)")
         if max_len < 2:
-            raise ValueError(f"N={max_len} is out of range: allowed >= 2")
+            raise ValueError(f"max_len={max_len} is out of range: allowed >= 2")
         self.max_len, self.source, self.path, self.name = int(max_len), source, path, name
         self.config_name, self.split, self.val_split, self.text_field = config_name, split, val_split, text_field
         self.val_fraction, self.max_docs, self.drop_remainder = val_fraction, max_docs, drop_remainder
@@ -221,6 +221,14 @@ class LongDocuments(L.LightningDataModule):
                 "data.drop_remainder=false or add longer documents"
             )
         return chunks.with_format("torch")
+
+    def add_train_columns(self, columns: datasets.Dataset) -> None:
+        """Extra per-row columns for the train split (the score cache's log-probs and checksums), one
+        row per chunk in the split's order; they travel with the row through shuffling and ``collate``."""
+        self.setup("fit")
+        if len(columns) != len(self.train_set):
+            raise ValueError(f"{len(columns)} rows of extra columns for a train split of {len(self.train_set)} rows")
+        self.train_set = datasets.concatenate_datasets([self.train_set, columns], axis=1).with_format("torch")
 
     def train_dataloader(self):
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=collate,

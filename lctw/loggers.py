@@ -59,6 +59,41 @@ def none(save_dir: str, name: str, group: str | None, hparams: dict):
     return False
 
 
+def run_name(cfg) -> str:
+    """``name`` if set, else the command-line overrides of this job (Hydra's ``override_dirname``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.get("name"):
+        return str(cfg.name)
+    if HydraConfig.initialized():
+        return HydraConfig.get().job.override_dirname or "default"
+    return "default"
+
+
+def run_group(cfg) -> str | None:
+    """``logger.group`` if set, else the multirun's sweep directory name: all jobs of a sweep in one group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.logger.get("group"):
+        return str(cfg.logger.group)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
+
+
+def build(cfg, save_dir, group: bool = True):
+    """The configured logger for a run (or evaluation) writing under ``save_dir``, with the resolved
+    config as its hyperparameters; ``group=False`` keeps it out of a sweep's group."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    # Called, not instantiated with the config as a kwarg: Hydra would instantiate its _target_s.
+    return instantiate(cfg.logger, _partial_=True)(save_dir=str(save_dir), name=run_name(cfg),
+                                                   group=run_group(cfg) if group else None,
+                                                   hparams=OmegaConf.to_container(cfg, resolve=True))
+
+
 def finish() -> None:
     """End the W&B run of this job (also after a failure) so the next multirun job starts clean."""
     import sys

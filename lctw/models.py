@@ -1,20 +1,22 @@
 """Model specs (``conf/model``): cheap to instantiate, loading only when ``load()`` is called.
 
-A spec gives ``tokenizer()`` and ``load()`` so that configuration errors (including a small scorer's
-vocabulary) are found before any weights load.
+Specs are cheap, so configuration errors (including a small scorer's vocabulary) are found before any
+weights load.
 
 * ``HFModel``: any causal LM by hub name or local path through ``AutoModelForCausalLM`` (dtype,
   attention implementation, gradient checkpointing, revision, ``gguf_file``; remote code off by default).
 * ``TinyLlama``: a small Llama built from config with a byte-level BPE tokenizer trained locally on the
-  default corpus (seconds), whose base θ0 is really pretrained at the short context n by a short base
-  stage on first use and cached under ``<cache>/tiny/<key>``: later runs reuse it, and ``scorer=frozen``
-  has a genuine θ0. The key hashes everything that changes the base, so a change rebuilds it.
+  default corpus (seconds), whose base θ0 is really pretrained at the short context n by the base stage
+  (:mod:`lctw.base`, an ordinary run of ``experiment=base``) on first use and cached under
+  ``<cache>/tiny/<key>``: later runs reuse it, and ``scorer=frozen`` has a genuine θ0. The key hashes
+  the base stage's composed config, so a change to the recipe or the architecture rebuilds it.
+
+A spec gives ``tokenizer()``, ``prepare()`` (weights available locally, not loaded) and ``load()``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
 import logging
 import shutil
 from pathlib import Path
@@ -28,6 +30,11 @@ ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_atte
 
 
 class HFModel:
+    """Any causal LM by hub name or local path. ``load()`` returns it with weights; ``load(weights=False)``
+    the same architecture, randomly initialised, when the weights are about to be replaced (a checkpoint)."""
+
+    built_locally = False  # True for specs whose weights are built on first use (the tiny base)
+
     def __init__(
         self,
         name_or_path: str,
@@ -40,16 +47,20 @@ class HFModel:
         tokenizer_path: str | None = None,
     ):
         if dtype not in DTYPES:
-            raise ValueError(f"model.dtype={dtype!r} is not allowed: choose one of {list(DTYPES)}")
+            raise ValueError(f"dtype={dtype!r} is not allowed: choose one of {list(DTYPES)}")
         if attn_implementation not in ATTENTION:
             raise ValueError(
-                f"model.attn_implementation={attn_implementation!r} is not allowed: choose one of {list(ATTENTION)}"
+                f"attn_implementation={attn_implementation!r} is not allowed: choose one of {list(ATTENTION)}"
             )
-        self.name_or_path, self.revision, self.dtype = name_or_path, revision, dtype
+        self._name_or_path, self.revision, self.dtype = name_or_path, revision, dtype
         self.attn_implementation, self.gradient_checkpointing = attn_implementation, gradient_checkpointing
         self.trust_remote_code, self.gguf_file, self.tokenizer_path = trust_remote_code, gguf_file, tokenizer_path
 
-    def _common(self) -> dict:
+    @property
+    def name_or_path(self) -> str:
+        return self._name_or_path
+
+    def hub_options(self) -> dict:
         kw = {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
         if self.gguf_file:
             kw["gguf_file"] = self.gguf_file
@@ -58,18 +69,27 @@ class HFModel:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.tokenizer_path or self.name_or_path, **self._common())
+        tok = AutoTokenizer.from_pretrained(self.tokenizer_path or self.name_or_path, **self.hub_options())
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
 
-    def load(self):
-        from transformers import AutoModelForCausalLM
+    def prepare(self) -> None:
+        """Make the weights available locally without loading them (nothing to do for a hub model)."""
 
-        model = AutoModelForCausalLM.from_pretrained(
-            self.name_or_path, dtype=DTYPES[self.dtype], attn_implementation=self.attn_implementation,
-            **self._common(),
-        )
+    def load(self, weights: bool = True):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        options = dict(dtype=DTYPES[self.dtype], attn_implementation=self.attn_implementation)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(self.name_or_path, **options, **self.hub_options())
+        else:
+            config = AutoConfig.from_pretrained(self.name_or_path, **self.hub_options())
+            model = AutoModelForCausalLM.from_config(config, **options,
+                                                     trust_remote_code=self.trust_remote_code)
+        return self._finish(model)
+
+    def _finish(self, model):
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -80,7 +100,13 @@ class HFModel:
 
 
 class TinyLlama(HFModel):
-    """A few-million-parameter Llama for CPU development, pretrained at context n on first use."""
+    """A few-million-parameter Llama for CPU development whose θ0 is pretrained at context n on first use.
+
+    ``pretrained=false`` gives the architecture freshly initialised (what the base stage trains).
+    ``base`` holds deltas to the base stage's recipe (``conf/experiment/base.yaml``, :mod:`lctw.base`).
+    """
+
+    built_locally = True
 
     def __init__(
         self,
@@ -93,24 +119,31 @@ class TinyLlama(HFModel):
         num_key_value_heads: int = 4,
         intermediate_size: int = 352,
         rope_theta: float = 10000.0,
-        base_steps: int = 300,
-        base_batch_size: int = 8,
-        base_lr: float = 3e-3,
         seed: int = 0,
+        base: dict | None = None,
+        pretrained: bool = True,
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
     ):
-        arch = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                    num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
-                    intermediate_size=intermediate_size, rope_theta=rope_theta)
-        self.arch, self.n = arch, int(n)
-        self.base = dict(steps=base_steps, batch_size=base_batch_size, lr=base_lr, seed=seed)
-        key = hashlib.sha256(json.dumps({"arch": arch, "n": n, "base": self.base, "v": 1}, sort_keys=True).encode())
-        self.root = Path(cache_dir).expanduser() / "tiny"
+        super().__init__("", attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing)
+        self.arch = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                         intermediate_size=intermediate_size, rope_theta=rope_theta)
+        self.n, self.seed, self.pretrained = int(n), int(seed), bool(pretrained)
+        self.base = dict(base or {})
         self.cache_dir = cache_dir
-        path = self.root / key.hexdigest()[:12]
-        super().__init__(str(path), attn_implementation=attn_implementation,
-                         gradient_checkpointing=gradient_checkpointing)
+        self.root = Path(cache_dir).expanduser() / "tiny"
+
+    @functools.cached_property
+    def key(self) -> str:
+        """The base stage's config hash (:func:`lctw.base.config_key`): recipe and architecture."""
+        from lctw.base import base_config, config_key
+
+        return config_key(base_config(self))
+
+    @property
+    def name_or_path(self) -> str:
+        return str(self.root / self.key / "hf") if self.pretrained else f"tiny-init-{self.arch}"
 
     @property
     def path(self) -> Path:
@@ -125,61 +158,38 @@ class TinyLlama(HFModel):
                 train_tokenizer(self.arch["vocab_size"], tok_dir)
         return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
 
-    def load(self):
-        with _build_lock(self.path):  # DDP ranks / parallel sweep jobs on a fresh cache: one builds, the rest wait
+    def prepare(self) -> None:
+        """Build θ0 by the base stage if it is not cached yet; one process builds, the others wait."""
+        if not self.pretrained:
+            return
+        from lctw.base import build_base
+
+        run_dir = self.path.parent
+        with _build_lock(run_dir):  # DDP ranks / parallel sweep jobs on a fresh cache
             if not (self.path / "config.json").exists():
-                self.pretrain()
+                build_base(self, run_dir)
+
+    def load(self, weights: bool = True):
+        if not self.pretrained or not weights:
+            return self._finish(self.initial())
+        self.prepare()
         return super().load()
 
-    def pretrain(self) -> None:
-        """The base stage: train from scratch on the default corpus at context n, then cache."""
-        import lightning as L
-        from lightning.pytorch.callbacks import TQDMProgressBar
+    def initial(self):
+        """The architecture, freshly initialised from the global torch seed (the base stage's start)."""
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from lctw.data import LongDocuments
-        from lctw.module import TokenWeightingLM
-        from lctw.scoring import NoScorer
-        from lctw.weighting import Uniform
-
-        log.info("building the tiny base model at n=%d (%d steps; cached in %s)", self.n, self.base["steps"], self.path)
         tok = self.tokenizer()
-        L.seed_everything(self.base["seed"], workers=True, verbose=False)
-        arch = dict(self.arch)
+        arch = {k: v for k, v in self.arch.items() if k != "rope_theta"}
         config = LlamaConfig(
-            **{k: v for k, v in arch.items() if k != "rope_theta"},
-            rope_parameters={"rope_type": "default", "rope_theta": arch["rope_theta"]},
+            **arch, rope_parameters={"rope_type": "default", "rope_theta": self.arch["rope_theta"]},
             max_position_embeddings=self.n, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, tie_word_embeddings=True, attn_implementation="sdpa",
+            pad_token_id=tok.pad_token_id, tie_word_embeddings=True, attn_implementation=self.attn_implementation,
         )
-        model = LlamaForCausalLM(config)
-        data = LongDocuments(max_len=self.n, batch_size=self.base["batch_size"], cache_dir=self.cache_dir,
-                             tokenizer=tok, seed=self.base["seed"])
-        steps = self.base["steps"]
-        optimizer = lambda p: torch.optim.AdamW(p, lr=self.base["lr"], betas=(0.9, 0.95), weight_decay=0.1)  # noqa: E731
-        from transformers import get_cosine_schedule_with_warmup
-
-        scheduler = lambda o: get_cosine_schedule_with_warmup(o, max(1, steps // 10), steps)  # noqa: E731
-        module = TokenWeightingLM(model, NoScorer(), Uniform(), n=self.n, optimizer=optimizer, scheduler=scheduler)
-        trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=False,
-                            enable_checkpointing=False, gradient_clip_val=1.0, val_check_interval=steps,
-                            check_val_every_n_epoch=None,
-                            limit_val_batches=8, num_sanity_val_steps=0, enable_model_summary=False,
-                            callbacks=[TQDMProgressBar(refresh_rate=10)])
-        trainer.fit(module, datamodule=data)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        (tmp / "lctw_base.json").write_text(json.dumps({"n": self.n, "arch": self.arch, "base": self.base,
-                                                        "metrics": metrics}, indent=2))
-        shutil.rmtree(self.path, ignore_errors=True)
-        tmp.rename(self.path)
-        log.info("tiny base ready: %s (val/ce at n: %.3f)", self.path, metrics.get("val/ce", float("nan")))
+        return LlamaForCausalLM(config)
 
     def describe(self) -> str:
-        return f"tiny:{self.path.name}"
+        return f"tiny:{self.key}" if self.pretrained else "tiny:initial"
 
 
 def _build_lock(path: Path):

@@ -1,9 +1,9 @@
 """The LightningModule: θ with its context extension, a scorer and a weighting, trained on
 L = Σ_valid w_i · CE_i / (number of valid targets), weights detached.
 
-The parts arrive already instantiated (``train.py`` builds them from ``conf/``). Order matters and is
-fixed here: the scorer sees θ first (``frozen`` copies θ0 with its original RoPE), then the context
-extension is applied to θ only.
+The parts arrive already built (:func:`lctw.experiment.run`): θ with its context extension
+(:func:`lctw.theta.build_theta`), the scorer with its θ' loaded (a frozen θ0 keeps its original RoPE,
+because it is loaded from the spec, not extended).
 
 Logged: ``train/loss`` (weighted), ``train/ce`` (unweighted), weight diagnostics (``train/weight_std``,
 ``weight_max``, ``weight_zero_frac``, ``weight_ess`` = (Σw)²/Σw²/M, ``weight_mass_beyond_n``, score
@@ -23,7 +23,8 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from lctw.loss import weighted_loss
-from lctw.scoring import NoScorer, Scorer, model_logprobs
+from lctw.scorers import NoScorer, Scorer
+from lctw.scoring import model_logprobs
 from lctw.weighting import Uniform, Weighting
 
 
@@ -47,38 +48,42 @@ def weight_stats(weights: Tensor, mask: Tensor, n: int) -> dict[str, Tensor]:
 
 
 class TokenWeightingLM(L.LightningModule):
+    """θ (already extended to N), a scorer and a weighting; ``config`` is the run's resolved config,
+    saved in every checkpoint (``save_hyperparameters``) so that a checkpoint can rebuild θ by itself
+    (:func:`lctw.theta.load_theta`)."""
+
     def __init__(
         self,
         model: torch.nn.Module,
         scorer: Scorer | None = None,
         weighting: Weighting | None = None,
-        context=None,
         n: int = 0,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         chunk_size: int | None = 1024,
+        config: dict | None = None,
     ):
         super().__init__()
-        self.model = model
-        self.scorer = scorer or NoScorer()
+        self.save_hyperparameters("config", logger=False)
+        self.model = model  # θ: the only trained parameters (THETA in lctw.theta names this attribute)
+        self.scorer = scorer or NoScorer()  # a submodule: a fixed scorer's θ' moves (and shards) with θ
         self.weighting = weighting or Uniform()
-        if self.weighting.needs_scores and not self.scorer.uses_model:
-            raise ValueError(
-                f"weighting={self.weighting.name} needs a scorer: scorer=none allows only weighting=uniform"
-            )
         self.n = int(n or self.scorer.n)
         self.chunk_size = chunk_size  # rows per LM-head chunk in the loss (None = full logits)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.scorer.setup(model)  # before context extension: a frozen θ0 keeps the original RoPE
-        if context is not None:
-            context.apply(model)
-        model.train()  # from_pretrained returns eval mode; gradient checkpointing only acts in train mode
         self.val_ce = torch.nn.ModuleDict({k: MeanMetric() for k in ("all", "within_n", "beyond_n")})
         self._last_batch_start: float | None = None
 
-    def on_fit_start(self) -> None:
-        self.scorer.to(self.device)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """θ' is rebuilt from its spec on resume; a checkpoint holds it only if ``scorer.save`` asks."""
+        if not getattr(self.scorer, "save", False):
+            for key in [k for k in checkpoint["state_dict"] if k.startswith("scorer.")]:
+                del checkpoint["state_dict"][key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for key, value in self.scorer.state_dict(prefix="scorer.").items():
+            checkpoint["state_dict"].setdefault(key, value)  # θ' as set up, where the checkpoint left it out
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -90,7 +95,7 @@ class TokenWeightingLM(L.LightningModule):
     def training_step(self, batch, batch_idx):
         ids, mask = batch["input_ids"], batch["mask"]
         long_lp = model_logprobs(self.model, ids, self.chunk_size)
-        short_lp = self.scorer.score_batch(self.model, batch, long_lp.detach())
+        short_lp = self.scorer(self.model, batch, long_lp.detach())
         weights = self.weighting(long_lp, short_lp, mask)
         loss = weighted_loss(long_lp, weights, mask)
         ce = weighted_loss(long_lp.detach(), None, mask)
@@ -123,9 +128,9 @@ class TokenWeightingLM(L.LightningModule):
             metric.reset()
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        factory = self.optimizer_factory or (lambda p: torch.optim.AdamW(p, lr=1e-4))
-        optimizer = factory(params)
+        if self.optimizer_factory is None:
+            raise ValueError("TokenWeightingLM needs optimizer= (a factory of the trainable parameters)")
+        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,

@@ -24,14 +24,10 @@ for every target x_2 … x_T, in one of two modes:
   exact in every mode. ``attention`` picks the kernel (``auto``: FlexAttention on CUDA, blocked sdpa
   elsewhere; ``dense``: the model's attention with a (T, T) mask).
 
-The scorers (``conf/scorer``) choose θ': ``none`` (uniform baseline), ``self`` (θ itself, context cut
-to n), ``frozen`` (θ0 before context extension, fixed) and ``small`` (another model, same vocabulary).
-The long-context log-probs always come from the current θ (the training forward pass).
+The scorers that use these functions (``none``, ``self``, ``frozen``, ``small``) are in :mod:`lctw.scorers`.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -74,24 +70,59 @@ def default_stride(n: int, max_len: int) -> int:
     return max(1, int(round((1 - n / max_len) * n)))
 
 
-def check_scoring_args(n: int, mode: str, stride: int | None, key: str = "scorer", sink=False,
-                       attention: str = "auto") -> None:
-    check_sink(sink, f"{key}.sink")
-    check_kernel(attention, f"{key}.attention")
-    if mode == "window" and sink == "in_range" and n < 3:
-        raise ValueError(f"{key}.sink=in_range needs n >= 3 (BOS, a token, the target), got n={n}")
-    if mode == "window" and sink == "in_range" and attention == "dense":
-        raise ValueError(f"{key}.sink=in_range needs {key}.attention in ['auto', 'flex', 'sdpa'] "
-                         "(the dense mask cannot move the sink); got 'dense'")
+def check_scoring_args(n: int, mode: str, stride: int | None, sink=False, attention: str = "auto") -> None:
+    """Plain errors about the arguments of :func:`short_context_logprobs` (the config layer adds the key)."""
+    check_sink(sink)
+    check_kernel(attention)
     if mode not in MODES:
-        raise ValueError(f"{key}.mode={mode!r} is not allowed: choose one of {list(MODES)}")
+        raise ValueError(f"mode={mode!r} is not allowed: choose one of {list(MODES)}")
     if n < 2:
-        raise ValueError(f"{key}.n={n} is out of range: the short context needs n >= 2 tokens")
+        raise ValueError(f"n={n} is out of range: the short context needs n >= 2 tokens")
+    if mode == "window" and sink == "in_range" and n < 3:
+        raise ValueError(f"sink=in_range needs n >= 3 (BOS, a token, the target), got n={n}")
+    if mode == "window" and sink == "in_range" and attention == "dense":
+        raise ValueError("sink=in_range needs attention in ['auto', 'flex', 'sdpa'] "
+                         "(the dense mask cannot move the sink); got 'dense'")
     if stride is not None and not 1 <= stride <= n - 1:
         raise ValueError(
-            f"{key}.stride={stride} does not fit windows of n={n} tokens: allowed 1 … {n - 1} "
+            f"stride={stride} does not fit windows of n={n} tokens: allowed 1 … {n - 1} "
             "(a window of n tokens holds n - 1 targets), or null for the paper's (1 - n/N)·n"
         )
+
+
+class ShortContext:
+    """How "at most n preceding tokens" is computed: n, mode, stride (chunked), sink and kernel (window).
+
+    Every scorer with a model holds one; ``logprobs`` scores in eval mode and restores the model's mode.
+    Eval mode: the short-context log-prob is a property of θ' (dropout off), the same for every scorer
+    and for the cache. The paper's code scores ``self`` in train mode; the two differ only on models
+    with dropout, where train mode would add a dropout sample's noise to every score.
+    """
+
+    def __init__(self, n: int, max_len: int, mode: str = "chunked", stride: int | None = None,
+                 sink: bool | str = False, attention: str = "auto"):
+        check_scoring_args(n, mode, stride, sink=sink, attention=attention)
+        if n >= max_len:
+            raise ValueError(f"n={n} must be smaller than max_len={max_len} (the short context is a part of the long)")
+        self.n, self.max_len, self.mode, self.sink = int(n), int(max_len), mode, check_sink(sink)
+        self.attention = attention
+        self.stride = int(stride) if stride is not None else default_stride(n, max_len)
+
+    def logprobs(self, model, input_ids: Tensor, skip_shared: bool = False) -> Tensor:
+        """:func:`short_context_logprobs` of ``model`` with these settings, in eval mode, no grad."""
+        was_training = model.training
+        model.eval()
+        try:
+            return short_context_logprobs(model, input_ids, self.n, self.mode, self.stride, self.sink,
+                                          skip_shared=skip_shared, attention=self.attention)
+        finally:
+            model.train(was_training)
+
+    def identity(self) -> dict:
+        """The settings that change the numbers (the score cache's fingerprint)."""
+        return {"n": self.n, "mode": self.mode,
+                "stride": self.stride if self.mode == "chunked" else None,  # irrelevant in window mode
+                "sink": self.sink if self.mode == "window" else None}  # irrelevant in chunked mode
 
 
 def short_context_logprobs(
@@ -223,120 +254,3 @@ def brute_force_logprobs(model, input_ids: Tensor, n: int, sink: bool | str = Fa
                            use_cache=False).logits
             out[:, i - 1] = logprobs_of(logits[:, -1:], input_ids[:, i : i + 1])[:, 0].cpu()
     return out
-
-
-class Scorer:
-    """Base: holds n, mode, stride, sink and attention, validated where they are defined."""
-
-    def __init__(self, n: int, max_len: int, mode: str = "chunked", stride: int | None = None,
-                 sink: bool | str = False, attention: str = "auto"):
-        check_scoring_args(n, mode, stride, sink=sink, attention=attention)
-        if n >= max_len:
-            raise ValueError(f"n={n} must be smaller than N={max_len} (the short context is a part of the long)")
-        self.n, self.max_len, self.mode, self.sink = int(n), int(max_len), mode, check_sink(sink)
-        self.attention = attention
-        self.stride = int(stride) if stride is not None else default_stride(n, max_len)
-
-    name = "scorer"
-    uses_model = True
-
-    def setup(self, model) -> None:
-        """Called once with θ before context extension (frozen scorers copy it here)."""
-
-    def to(self, device) -> Scorer:
-        return self
-
-    def __call__(self, model, input_ids: Tensor, long_logprobs: Tensor) -> Tensor | None:
-        raise NotImplementedError
-
-    def score_batch(self, model, batch: dict, long_logprobs: Tensor) -> Tensor | None:
-        """What the training step calls: scores ``batch["input_ids"]``; a cached scorer (``lctw.cache``)
-        instead reads the log-probs that travel with the batch."""
-        return self(model, batch["input_ids"], long_logprobs)
-
-    def _score(self, scorer_model, input_ids: Tensor, skip_shared: bool = False) -> Tensor:
-        was_training = scorer_model.training
-        scorer_model.eval()
-        try:
-            return short_context_logprobs(scorer_model, input_ids, self.n, self.mode, self.stride,
-                                          self.sink, skip_shared=skip_shared, attention=self.attention)
-        finally:
-            scorer_model.train(was_training)
-
-
-class NoScorer(Scorer):
-    """The uniform baseline: no short-context model, no scores."""
-
-    name = "none"
-    uses_model = False
-
-    def __init__(self, n: int = 2, max_len: int = 4, **_):
-        self.n, self.max_len = int(n), int(max_len)
-
-    def __call__(self, model, input_ids, long_logprobs):
-        return None
-
-
-class SelfScorer(Scorer):
-    """θ itself with its context cut to n ("unfrozen"); no extra memory, no gradient.
-
-    Targets whose short context equals the full one reuse the training pass's log-probs (score 0)
-    instead of being recomputed; in chunked mode the first window is not run at all.
-    """
-
-    name = "self"
-
-    def __call__(self, model, input_ids, long_logprobs):
-        short = self._score(model, input_ids, skip_shared=True)
-        k = shared_targets(self.mode, self.n, self.sink)
-        short[:, :k] = long_logprobs[:, :k].detach().float()
-        return short
-
-
-class FrozenScorer(Scorer):
-    """θ0: a fixed copy of the model taken before context extension (original RoPE, eval mode).
-
-    ``cache`` (``scorer.cache``): false computes the scores on the fly; true or a directory makes
-    :func:`lctw.experiment.run` read them from the cache ``score.py`` wrote instead (``lctw.cache``).
-    """
-
-    name = "frozen"
-
-    def __init__(self, *args, cache: bool | str | None = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.model = None
-        self.cache = cache
-
-    def setup(self, model) -> None:
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def to(self, device):
-        if self.model is not None:
-            self.model.to(device)
-        return self
-
-    def __call__(self, model, input_ids, long_logprobs):
-        return self._score(self.model, input_ids)
-
-
-class SmallScorer(FrozenScorer):
-    """A separate (smaller) pretrained model with the same vocabulary: weak-to-strong scoring.
-
-    ``model`` is a model spec from ``conf/model`` (``lctw.models``); its tokenizer must have the same
-    vocabulary as the trained model's, which :func:`lctw.config.validate` checks before any model loads.
-    """
-
-    name = "small"
-
-    def __init__(self, model, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.spec = model
-
-    def setup(self, model) -> None:
-        small = self.spec.load()
-        if small.config.vocab_size != model.config.vocab_size:
-            raise ValueError(
-                f"scorer=small: scorer.model has vocab_size {small.config.vocab_size}, the trained model "
-                f"{model.config.vocab_size}; the small scorer must share the tokenizer and vocabulary"
-            )
-        self.model = small.eval().requires_grad_(False)

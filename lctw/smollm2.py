@@ -68,9 +68,9 @@ class SmolLM2(HFModel):
         _check_deps()
         return super().tokenizer()
 
-    def load(self):
+    def load(self, weights: bool = True):
         _check_deps()
-        model = super().load()
+        model = super().load(weights)
         # The GGUF carries no generation config: greedy decoding must stop at <|im_end|> (the chat EOS).
         tok_eos = model.config.eos_token_id
         if model.generation_config.eos_token_id is None and tok_eos is not None:

@@ -31,7 +31,7 @@ _FLOOR_GUARD = 1e-9
 
 def _check(name: str, value: float, ok: bool, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"weighting.{name}={value} is out of range: allowed {allowed}")
+        raise ValueError(f"{name}={value} is out of range: allowed {allowed}")
 
 
 class Weighting:

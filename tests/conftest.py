@@ -46,7 +46,7 @@ def _restore_torch_state():
 
 # Overrides that shrink the default experiment to seconds while keeping every part real.
 SMALL = [
-    "n=32", "N=128", "model.base_steps=6", "model.base_batch_size=4", "trainer.max_steps=3",
+    "n=32", "N=128", "+model.base.trainer.max_steps=6", "+model.base.data.batch_size=4", "trainer.max_steps=3",
     "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "data.batch_size=2", "data.val_batch_size=2",
     "logger.mode=offline",
 ]
@@ -56,7 +56,7 @@ def compose(overrides=(), cache=None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import lctw.experiment  # noqa: F401  (registers the ${div:} resolver)
+    import lctw.config  # noqa: F401  (registers the ${div:} resolver)
 
     extra = [f"paths.cache={cache}"] if cache else []
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

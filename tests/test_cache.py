@@ -1,4 +1,4 @@
-"""The score cache (lctw/cache.py, score.py): real tiny models, real data, real Arrow shards on disk.
+"""The score cache (lctw/cache/, score.py): real tiny models, real data, real Arrow shards on disk.
 
 The cache is built once per module with a ``score.limit`` stop in the middle (an interrupted run), then
 resumed; an uninterrupted run into another directory must give bit-identical rows.
@@ -18,10 +18,14 @@ from hydra import initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from lctw import cache as score_cache
-from lctw.experiment import _build, build_parts, run
-from lctw.experiment import score as run_score
+from lctw.cache.fill import fill_cache as run_score
+from lctw.cache.store import ScoreCache, row_checksum
+from lctw.config import build, validate
+from lctw.experiment import run
 from lctw.module import TokenWeightingLM
-from lctw.scoring import FrozenScorer, SmallScorer, model_logprobs, short_context_logprobs
+from lctw.scorers import FrozenScorer, SmallScorer
+from lctw.scoring import model_logprobs, short_context_logprobs
+from lctw.theta import build_theta
 
 # A few essays only (about 100 chunks), so that scoring all of them takes seconds.
 DATA = ["+data.max_docs=4"]
@@ -34,8 +38,8 @@ def compose_score(overrides, cache):
 
 
 def train_split(cfg):
-    parts = build_parts(cfg)
-    data = _build(cfg.data, tokenizer=parts.tokenizer)
+    parts = validate(cfg)
+    data = build(cfg.data, "data", tokenizer=parts.tokenizer)
     data.setup("fit")
     return parts, data
 
@@ -61,7 +65,7 @@ def scored(cache_dir):
 def _score_interrupted_then_resumed(cache_dir):
     first = run_score(compose_score(["score.batch_size=4", "score.shard_rows=8", "score.limit=10"],
                                                   cache_dir))
-    cache = score_cache.ScoreCache(first)
+    cache = ScoreCache(first)
     assert not cache.complete and cache.rows_done() == 12  # the limit rounds up to whole batches
     with pytest.raises(ValueError, match=r"is incomplete \(12 of \d+ rows scored\)\. Finish it with: python score\.py"):
         run(compose([*TRAIN, "scorer.cache=true"], cache=cache_dir), run_dir=os.devnull)
@@ -73,21 +77,21 @@ def _score_interrupted_then_resumed(cache_dir):
 def test_cached_scores_are_theta0_short_context_logprobs(scored, cache_dir):
     cfg = compose([*TRAIN, "scorer.cache=true"], cache=cache_dir)
     parts, data = train_split(cfg)
-    scores = score_cache.ScoreCache(scored).load().with_format("torch")
+    scores = ScoreCache(scored).load().with_format("torch")
     assert len(scores) == len(data.train_set) > 16
     theta0 = parts.model_spec.load().eval()
     rows = [0, 5, len(scores) - 1]
     ids = data.train_set.select(rows)[:]["input_ids"]
-    expected = short_context_logprobs(theta0, ids, cfg.n, "chunked", parts.scorer.stride)
+    expected = short_context_logprobs(theta0, ids, cfg.n, "chunked", parts.scorer.short.stride)
     cached = scores.select(rows)[:]["short_logprobs"]
     torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)
-    assert torch.equal(scores.select(rows)[:]["checksum"], score_cache.row_checksum(ids))
+    assert torch.equal(scores.select(rows)[:]["checksum"], row_checksum(ids))
 
 
 def test_resumed_scoring_equals_one_uninterrupted_run(scored, cache_dir, tmp_path):
     whole = run_score(compose_score(["score.batch_size=4", "score.shard_rows=8",
                                                   f"scorer.cache={tmp_path}/whole"], cache_dir))
-    a, b = score_cache.ScoreCache(scored), score_cache.ScoreCache(whole)
+    a, b = ScoreCache(scored), ScoreCache(whole)
     assert a.meta["fingerprint"] == b.meta["fingerprint"]
     assert [s[:2] for s in a.shards()][:2] == [(0, 8), (8, 12)]  # the interrupted run's partial shard
     assert torch.equal(a.load().with_format("torch")[:]["short_logprobs"],
@@ -97,33 +101,34 @@ def test_resumed_scoring_equals_one_uninterrupted_run(scored, cache_dir, tmp_pat
 def test_training_with_the_cache_equals_the_frozen_scorer_on_the_first_step(scored, cache_dir):
     cfg = compose([*TRAIN, "scorer.cache=true"], cache=cache_dir)
     parts, data = train_split(cfg)
-    cached = score_cache.use_cache(cfg, parts, data)
+    cached = score_cache.attach(cfg, parts, data)
     batch = next(iter(data.train_dataloader()))
     assert batch["short_logprobs"].shape == batch["mask"].shape and batch["checksum"].shape == (2,)
 
     def first_step(scorer):
         torch.manual_seed(0)
-        module = TokenWeightingLM(parts.model_spec.load(), scorer, parts.weighting, _build(cfg.context), n=cfg.n)
+        module = TokenWeightingLM(build_theta(parts.model_spec, parts.context), scorer, parts.weighting, n=cfg.n)
         loss = module.training_step(batch, 0)
         with torch.no_grad():
             long_lp = model_logprobs(module.model, batch["input_ids"])
-            weights = parts.weighting(long_lp, scorer.score_batch(module.model, batch, long_lp), batch["mask"])
+            weights = parts.weighting(long_lp, scorer(module.model, batch, long_lp), batch["mask"])
         return loss.detach(), weights
 
     frozen = FrozenScorer(cfg.n, cfg.N)
+    frozen.setup(parts.model_spec)
     loss_frozen, w_frozen = first_step(frozen)
     loss_cached, w_cached = first_step(cached)
-    assert cached.model is None and frozen.model is not None
+    assert not list(cached.parameters()) and frozen.model is not None  # the cached scorer holds no model
     torch.testing.assert_close(w_cached, w_frozen, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(loss_cached, loss_frozen, atol=1e-5, rtol=1e-5)
     # a batch whose tokens are not the scored rows' is refused, never silently scored
     other = dict(batch, input_ids=batch["input_ids"].roll(1, dims=0))
     with pytest.raises(ValueError, match="have other tokens than the rows that were scored"):
-        cached.score_batch(None, other, torch.zeros_like(batch["short_logprobs"]))
+        cached(None, other, torch.zeros_like(batch["short_logprobs"]))
 
 
 def test_training_with_the_cache_never_loads_theta0(scored, cache_dir, tmp_path, monkeypatch):
-    def no_theta0(self, model):
+    def no_theta0(self, spec):
         pytest.fail("θ0 was loaded although scorer.cache=true")
 
     monkeypatch.setattr(FrozenScorer, "setup", no_theta0)
@@ -174,22 +179,22 @@ def test_an_explicit_cache_directory_for_another_configuration_is_refused(scored
 
 def test_score_py_caches_the_small_scorer(cache_dir, tmp_path, monkeypatch):
     out = tmp_path / "small"
-    small = ["scorer=small", "scorer.model.base_steps=6", "data.max_docs=2"]
+    small = ["scorer=small", "+scorer.model.base.trainer.max_steps=6", "data.max_docs=2"]
     cmd = [sys.executable, "score.py", *TRAIN, *small, f"scorer.cache={out}",
            "score.batch_size=8", f"paths.cache={cache_dir}", f"hydra.run.dir={tmp_path}/run"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith(str(out)) and "score small n=32" in proc.stderr  # the progress bar
-    meta = score_cache.ScoreCache(out).meta["fingerprint"]
+    meta = ScoreCache(out).meta["fingerprint"]
     assert meta["scorer"] == "small" and meta["model"]["model"].startswith("tiny:") and meta["model"]["files"]
     # training reads it without loading the small model
-    monkeypatch.setattr(SmallScorer, "setup", lambda self, model: pytest.fail("the small scorer was loaded"))
+    monkeypatch.setattr(SmallScorer, "setup", lambda self, spec: pytest.fail("the small scorer was loaded"))
     cfg = compose([*TRAIN, *small, f"scorer.cache={out}"], cache=cache_dir)
     parts, data = train_split(cfg)
-    scorer = score_cache.use_cache(cfg, parts, data)
+    scorer = score_cache.attach(cfg, parts, data)
     batch = next(iter(data.train_dataloader()))
-    short = scorer.score_batch(None, batch, torch.zeros_like(batch["short_logprobs"]))
+    short = scorer(None, batch, torch.zeros_like(batch["short_logprobs"]))
     small = parts.scorer.spec.load().eval()
-    expected = short_context_logprobs(small, batch["input_ids"], cfg.n, "chunked", parts.scorer.stride)
+    expected = short_context_logprobs(small, batch["input_ids"], cfg.n, "chunked", parts.scorer.short.stride)
     torch.testing.assert_close(short, expected, atol=1e-5, rtol=1e-5)

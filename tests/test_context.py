@@ -6,10 +6,8 @@ from conftest import tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from lctw.context import ContextExtension
-from lctw.module import TokenWeightingLM
-from lctw.scoring import FrozenScorer
-from lctw.weighting import Dense
+from lctw.context import ContextExtension, rotary_dim
+from lctw.scorers import frozen_copy
 
 N, n = 256, 64
 
@@ -59,7 +57,22 @@ def test_theta_default_is_the_ntk_aware_base():
     model = tiny_llama(max_position_embeddings=n)
     ContextExtension("theta", max_len=N, n=n).apply(model)
     d = model.config.hidden_size // model.config.num_attention_heads
+    assert rotary_dim(model.config) == d  # Llama rotates the whole head
     assert model.config.rope_parameters["rope_theta"] == pytest.approx(10000.0 * 4 ** (d / (d - 2)))
+
+
+def test_theta_default_counts_only_the_rotated_dimensions_of_partial_rotary_models():
+    """phi-2 rotates 32 of its 80 head dimensions: the NTK rule's exponent is d/(d-2) over those 32."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    config = PhiConfig(hidden_size=320, num_attention_heads=4, intermediate_size=64, num_hidden_layers=1,
+                       vocab_size=64, max_position_embeddings=n, partial_rotary_factor=0.4)
+    model = PhiForCausalLM(config)
+    assert rotary_dim(model.config) == 32 and model.model.rotary_emb.inv_freq.numel() == 16
+    ContextExtension("theta", max_len=N, n=n).apply(model)
+    assert model.config.rope_parameters["rope_theta"] == pytest.approx(10000.0 * 4 ** (32 / 30))
+    assert model.model.rotary_emb.inv_freq.numel() == 16  # still 32 rotated dims, new base
+    assert model.model.rotary_emb.inv_freq[1] == pytest.approx(model.config.rope_parameters["rope_theta"] ** (-2 / 32))
 
 
 def test_none_keeps_rope_and_frozen_theta0_keeps_the_original_frequencies():
@@ -69,21 +82,22 @@ def test_none_keeps_rope_and_frozen_theta0_keeps_the_original_frequencies():
     assert torch.equal(model.model.rotary_emb.inv_freq, original)
 
     model = tiny_llama(max_position_embeddings=n)
-    scorer = FrozenScorer(n=n, max_len=N)
-    module = TokenWeightingLM(model, scorer, Dense(0.5), ContextExtension("linear", max_len=N, n=n, factor=4.0), n=n)
+    scorer = frozen_copy(model, n=n, max_len=N)
+    ContextExtension("linear", max_len=N, n=n, factor=4.0).apply(model)
     assert torch.equal(scorer.model.model.rotary_emb.inv_freq, original)
     assert scorer.model.config.rope_parameters == {"rope_theta": 10000.0, "rope_type": "default"}
-    assert torch.equal(module.model.model.rotary_emb.inv_freq, original / 4.0)
+    assert torch.equal(model.model.rotary_emb.inv_freq, original / 4.0)
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(method="ntk"), r"context\.method='ntk'.*\['none', 'theta'"),
-     (dict(method="linear", factor=0.5), r"context\.factor=0\.5.*>= 1"),
-     (dict(method="theta", rope_theta=-1.0), r"context\.rope_theta=-1\.0"),
-     (dict(method="linear", n=N), r"n=256 must be smaller than N=256")],
+    [(dict(method="ntk"), r"^method='ntk'.*\['none', 'theta'"),
+     (dict(method="linear", factor=0.5), r"^factor=0\.5.*>= 1"),
+     (dict(method="theta", rope_theta=-1.0), r"^rope_theta=-1\.0"),
+     (dict(method="linear", n=N), r"^n=256 must be smaller than max_len=256")],
 )
-def test_bad_context_arguments_name_the_key(kwargs, match):
+def test_bad_context_arguments_name_the_argument(kwargs, match):
+    """Plain errors about the class's own arguments; the config layer adds ``context.`` (test_config)."""
     kwargs = {"max_len": N, "n": n, **kwargs}
     with pytest.raises(ValueError, match=match):
         ContextExtension(**kwargs)

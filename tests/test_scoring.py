@@ -13,9 +13,8 @@ from conftest import tiny_llama
 from transformers import MistralConfig, MistralForCausalLM
 
 from lctw.context import ContextExtension
+from lctw.scorers import FrozenScorer, SelfScorer, frozen_copy
 from lctw.scoring import (
-    FrozenScorer,
-    SelfScorer,
     brute_force_logprobs,
     default_stride,
     logprobs_of,
@@ -265,41 +264,68 @@ def test_first_shared_targets_equal_the_long_pass(mode, sink):
 
 
 @pytest.mark.parametrize("mode, sink", MODES)
-def test_self_scorer_reuses_long_logprobs_and_matches_plain_scoring(mode, sink):
+def test_self_scorer_reuses_long_logprobs_where_the_whole_context_fits_in_n(mode, sink):
+    """The first n targets (x_2 … x_{n+1}) have at most n tokens before them: for ``self`` short = long
+    there by definition, in every mode (the paper's code reuses n); the rest is the plain scoring."""
+    n = 8
     model = tiny_llama(layers=2)
     ids = sequences()
-    scorer = SelfScorer(n=8, max_len=29, mode=mode, stride=5, sink=sink)
+    scorer = SelfScorer(n=n, max_len=29, mode=mode, stride=5, sink=sink)
     long = model_logprobs(model, ids)
-    short = scorer(model, ids, long)
-    k = shared_targets(mode, 8, sink)
-    assert torch.equal(short[:, :k], long.detach()[:, :k])  # reused, not recomputed: score exactly 0
-    torch.testing.assert_close(short, short_context_logprobs(model, ids, 8, mode, stride=5, sink=sink), **TOL)
+    short = scorer(model, {"input_ids": ids}, long)
+    assert torch.equal(short[:, :n], long.detach()[:, :n])  # reused, not recomputed: score exactly 0
+    # brute force on the whole context of each of those targets gives the same (they fit in n)
+    torch.testing.assert_close(brute_force_logprobs(model, ids, n, targets=list(range(n)))[:, :n], long[:, :n].detach(),
+                               **TOL)
+    plain = short_context_logprobs(model, ids, n, mode, stride=5, sink=sink)
+    torch.testing.assert_close(short[:, n:], plain[:, n:], **TOL)
     assert not short.requires_grad and model.training is False
+
+
+def test_self_scorer_scores_in_eval_mode_whatever_the_dropout():
+    """θ' is the model with dropout off (documented in lctw.scoring.ShortContext): scoring a model with
+    dropout in train mode gives the eval-mode log-probs, every time, and leaves θ in train mode."""
+    model = tiny_llama(layers=2, attention_dropout=0.5).train()
+    ids = sequences()
+    scorer = SelfScorer(n=8, max_len=29, mode="chunked", stride=5)
+    long = model_logprobs(model, ids).detach()
+    first = scorer(model, {"input_ids": ids}, long)
+    second = scorer(model, {"input_ids": ids}, long)
+    assert model.training  # restored
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # no dropout sample in the scores
+    expected = short_context_logprobs(model.eval(), ids, 8, "chunked", stride=5)
+    torch.testing.assert_close(first[:, 8:], expected[:, 8:], **TOL)
+    with torch.no_grad():
+        noisy = model.train()(input_ids=ids).logits
+        clean = model.eval()(input_ids=ids).logits
+    assert (noisy - clean).abs().max() > 1e-3  # the model really has dropout in train mode
 
 
 def test_frozen_scorer_keeps_theta0_through_extension_and_training():
     model = tiny_llama(layers=2)
     original = copy.deepcopy(model)
-    scorer = FrozenScorer(n=8, max_len=32)
-    scorer.setup(model)
+    scorer = frozen_copy(model, n=8, max_len=32)
     ContextExtension("linear", max_len=32, n=8).apply(model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)  # θ trains away from θ0
     ids = sequences(t=32)
     expected = short_context_logprobs(original, ids, 8, "chunked")
-    torch.testing.assert_close(scorer(model, ids, None), expected, **TOL)
+    torch.testing.assert_close(scorer(model, {"input_ids": ids}, None), expected, **TOL)
     assert not any(p.requires_grad for p in scorer.model.parameters())
+    scorer.train()  # the LightningModule's train() reaches the scorer: θ0 stays in eval mode
+    assert not scorer.model.training
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(n=8, max_len=32, stride=8), r"scorer\.stride=8 .*allowed 1 … 7"),
-     (dict(n=8, max_len=32, stride=0), r"scorer\.stride=0"),
-     (dict(n=8, max_len=32, mode="sliding"), r"scorer\.mode='sliding'.*\['chunked', 'window'\]"),
-     (dict(n=32, max_len=32), r"n=32 must be smaller than N=32")],
+    [(dict(n=8, max_len=32, stride=8), r"^stride=8 .*allowed 1 … 7"),
+     (dict(n=8, max_len=32, stride=0), r"^stride=0"),
+     (dict(n=8, max_len=32, mode="sliding"), r"^mode='sliding'.*\['chunked', 'window'\]"),
+     (dict(n=32, max_len=32), r"^n=32 must be smaller than max_len=32")],
 )
-def test_bad_scorer_arguments_name_the_key(kwargs, match):
+def test_bad_scorer_arguments_name_the_argument(kwargs, match):
+    """Plain errors about the scorer's own arguments; the config layer adds ``scorer.`` (test_config)."""
     with pytest.raises(ValueError, match=match):
         FrozenScorer(**kwargs)
 

@@ -27,7 +27,7 @@ def trained_run(cache_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = compose([*SMALL, "eval=ppl"], cache=cache_dir)
     assert (cfg.scorer._target_, cfg.weighting._target_, cfg.context.method) == (
-        "lctw.scoring.FrozenScorer", "lctw.weighting.Dense", "theta")
+        "lctw.scorers.FrozenScorer", "lctw.weighting.Dense", "theta")
     (run_dir / ".hydra").mkdir()
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra does for train.py runs
     return run_dir, run(cfg, run_dir=run_dir)
@@ -42,8 +42,11 @@ def test_default_experiment_end_to_end(trained_run, cache_dir):
     assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/ce"]), rel=1e-4)
     assert math.isfinite(metrics["val/ce_beyond_n_before"])  # θ after extension, before training
     # the base really was pretrained at n: far better than chance on held-out essays
-    base = json.loads(next(Path(cache_dir, "tiny").glob("*/lctw_base.json")).read_text())
-    assert base["n"] == 32 and base["metrics"]["val/ce"] < math.log(4096)
+    base = next(p.parent.parent for p in Path(cache_dir, "tiny").glob("*/hf/config.json"))
+    base_cfg = OmegaConf.load(base / "config.yaml")
+    assert (base_cfg.n, base_cfg.N, base_cfg.scorer._target_, base_cfg.context.method) == (
+        32, 32, "lctw.scorers.NoScorer", "none")  # an ordinary run of experiment=base
+    assert json.loads((base / "metrics.json").read_text())["val/ce"] < math.log(4096)
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert json.loads((tmp_path / "metrics.json").read_text())["val/ce"] == metrics["val/ce"]
     assert list((tmp_path / "wandb").glob("offline-run-*"))
@@ -110,12 +113,12 @@ def test_bad_option_on_the_command_line_names_the_key(tmp_path):
 
 def test_small_scorer_trains_with_its_own_cached_base(cache_dir, tmp_path):
     """scorer=small builds its own (2-layer) base at n with the same tokenizer and scores with it."""
-    cfg = compose([*SMALL, "scorer=small", "scorer.model.base_steps=4", "callbacks=none",
+    cfg = compose([*SMALL, "scorer=small", "+scorer.model.base.trainer.max_steps=4", "callbacks=none",
                    "trainer.max_steps=2", "trainer.val_check_interval=2"], cache=cache_dir)
     metrics = run(cfg, run_dir=tmp_path)
     assert math.isfinite(metrics["train/loss"]) and metrics["train/score_mean"] > 0
-    bases = [json.loads(p.read_text()) for p in Path(cache_dir, "tiny").glob("*/lctw_base.json")]
-    assert {b["arch"]["num_hidden_layers"] for b in bases} >= {2, 4}
+    bases = [OmegaConf.load(p) for p in Path(cache_dir, "tiny").glob("*/config.yaml")]
+    assert {b.model.num_hidden_layers for b in bases} >= {2, 4}
 
 
 def test_eval_harness_option_on_the_trained_model(trained_run, tmp_path):
@@ -142,7 +145,8 @@ def test_parallel_processes_build_the_tiny_base_once(tmp_path):
         "from lctw.models import TinyLlama\n"
         "torch.set_num_threads(1)\n"
         f"m = TinyLlama(n=16, cache_dir={str(tmp_path)!r}, vocab_size=300, hidden_size=16, num_hidden_layers=1,"
-        " num_attention_heads=2, num_key_value_heads=2, intermediate_size=32, base_steps=2, base_batch_size=2)"
+        " num_attention_heads=2, num_key_value_heads=2, intermediate_size=32,"
+        " base={'trainer': {'max_steps': 2}, 'data': {'batch_size': 2}})"
         ".load()\n"
         "print('SUM', float(sum(p.sum() for p in m.parameters())))\n"
     )

@@ -1,0 +1,90 @@
+"""The base stage: θ0 pretrained from scratch at the short context n, as an ordinary training run.
+
+    python train.py experiment=base                                # one base run; θ0 in <run dir>/hf
+    python train.py -m experiment=base optimizer.lr=1e-3,3e-3      # sweep its recipe
+
+The recipe is ``conf/experiment/base.yaml`` (``scorer=none``, ``weighting=uniform``, ``context=none``,
+N = n, its own optimizer, schedule and steps), run by the same :func:`lctw.experiment.run` as every
+other stage. ``model=tiny`` needs a genuine θ0: on first use :meth:`lctw.models.TinyLlama.prepare`
+calls :func:`build_base`, which runs this stage under a file lock (parallel jobs and ranks on a fresh
+cache build once) into ``<paths.cache>/tiny/<key>/``: ``hf/`` is θ0, ``metrics.json`` and
+``config.yaml`` record how it was made. The key hashes the composed base config (recipe and
+architecture), so a change to either builds a new base; ``model.base`` holds deltas to the recipe
+(``+model.base.optimizer.lr=1e-3``), merged into the composed config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+# Keys that do not change θ0's numbers: where files go, how progress is shown and logged.
+_NOT_IN_KEY = ("paths", "logger", "callbacks", "name", "validate_first", "ckpt_path", "eval")
+
+
+@contextmanager
+def _project_hydra():
+    """Compose from the project's ``conf/`` whether or not a Hydra app (train.py) is running."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            yield
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
+    from hydra import compose as hydra_compose
+
+    with _project_hydra():
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def base_config(spec) -> DictConfig:
+    """The composed config of the base stage for a tiny model spec (its architecture, n and seed)."""
+    arch = [f"model.{k}={v}" for k, v in spec.arch.items()]
+    cfg = compose(["experiment=base", f"n={spec.n}", f"seed={spec.seed}", f"paths.cache={spec.cache_dir}", *arch])
+    return OmegaConf.merge(cfg, spec.base) if spec.base else cfg
+
+
+def config_key(cfg: DictConfig) -> str:
+    """A hash of everything in ``cfg`` that changes the trained numbers."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    numbers = {k: v for k, v in resolved.items() if k not in _NOT_IN_KEY}
+    for group in ("model", "data"):
+        numbers[group] = {k: v for k, v in numbers[group].items() if k not in ("cache_dir", "num_workers")}
+    return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_base(spec, path: Path) -> None:
+    """Run the base stage for ``spec`` and move its run directory to ``path`` (``path/hf`` is θ0).
+
+    The caller holds the lock. The run happens in ``<path>.tmp`` and is renamed when complete, so a
+    crashed build leaves no half-written base behind.
+    """
+    from lctw.experiment import run
+
+    cfg = base_config(spec)
+    log.info("building the tiny base model at n=%d (%d steps; cached in %s)", spec.n, cfg.trainer.max_steps, path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
+    metrics = run(cfg, run_dir=tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    log.info("tiny base ready: %s (val/ce at n: %.3f)", path, metrics.get("val/ce", float("nan")))

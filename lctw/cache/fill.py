@@ -1,0 +1,106 @@
+"""Fill a score cache (``score.py``): run a fixed scorer once over the tokenized train split.
+
+    python score.py scorer=frozen                    # θ0's short-context log-probs
+    python score.py scorer=small score.batch_size=16 # the small scorer's
+
+Resumable: an interrupted run (or one stopped by ``score.limit``) continues after its last shard.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from lctw.cache import cache_dir
+from lctw.cache.fingerprint import fingerprint
+from lctw.cache.store import ScoreCache, row_checksum
+from lctw.scorers import FixedScorer
+
+log = logging.getLogger(__name__)
+
+
+def fill_cache(cfg: DictConfig) -> Path:
+    """``score.py``: θ' log-probs of the train split into the cache this configuration asks for."""
+    from lctw.config import build, validate
+    from lctw.theta import resolve_device
+
+    parts = validate(cfg, for_cache=True)
+    opts = cfg.get("score") or {}
+    datamodule = build(cfg.data, "data", tokenizer=parts.tokenizer)
+    datamodule.setup("fit")
+    train = datamodule.train_set
+    source = parts.scorer.source(parts.model_spec)
+    source.prepare()  # the tiny base is built on first use (under its lock); its files are in the fingerprint
+    fp = fingerprint(parts.scorer, parts.model_spec, parts.tokenizer, train, datamodule.fingerprints["train"])
+    cache = ScoreCache(cache_dir(cfg, fp))
+    cache.create(fp)
+    if cache.complete:
+        log.info("score cache already complete: %s", cache.path)
+        print(cache.path)
+        return cache.path
+    parts.scorer.use(source.load()).to(resolve_device(opts.get("device", "auto")))
+    done = fill_rows(parts.scorer, train, cache, batch_size=int(opts.get("batch_size", 8)),
+                     limit=opts.get("limit"), shard_rows=int(opts.get("shard_rows", 256)),
+                     num_workers=int(cfg.data.get("num_workers", 0)))
+    state = "complete" if cache.complete else f"stopped at {done} of {len(train)} rows; rerun to continue"
+    log.info("score cache %s: %s", state, cache.path)
+    print(cache.path)
+    return cache.path
+
+
+def fill_rows(scorer: FixedScorer, rows: datasets.Dataset, cache: ScoreCache, batch_size: int = 8,
+               limit: int | None = None, shard_rows: int = 256, num_workers: int = 0, progress: bool = True) -> int:
+    """θ' log-probs of ``rows`` (column input_ids) into ``cache``, resuming after its last shard.
+
+    ``scorer`` is a fixed scorer with its model loaded. ``limit`` stops after that many more rows
+    (rounded up to whole batches); returns the rows done. The forward passes are the live scorer's own
+    (``scorer(None, batch, None)``), so the numbers are the same.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    total, start = len(rows), cache.rows_done()
+    shard_rows = max(batch_size, shard_rows // batch_size * batch_size)  # shards end on batch boundaries
+    stop = total if limit is None else min(total, start + -(-limit // batch_size) * batch_size)
+    if start >= total:
+        cache.finish(total)  # every row is there (e.g. complete.json was lost): finish, never loop
+        return start
+    if start >= stop:
+        return start
+    device = next(scorer.model.parameters()).device
+    ids_only = rows.select_columns(["input_ids"]).with_format("torch")
+    loader = DataLoader(torch.utils.data.Subset(ids_only, range(start, stop)), batch_size=batch_size,
+                        collate_fn=lambda r: torch.stack([x["input_ids"] for x in r]), num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    buf_scores, buf_sums, buf_start = [], [], start
+
+    def flush():
+        nonlocal buf_scores, buf_sums, buf_start
+        if buf_scores:
+            cache.write_shard(buf_start, np.concatenate(buf_scores), np.concatenate(buf_sums))
+            buf_start += sum(len(s) for s in buf_scores)
+            buf_scores, buf_sums = [], []
+
+    bar = tqdm(total=total, initial=start, unit="seq", desc=f"score {scorer.name} n={scorer.n}", disable=not progress)
+    try:
+        for ids in loader:
+            ids = ids.to(device, non_blocking=True)
+            buf_scores.append(scorer(None, {"input_ids": ids}, None).float().cpu().numpy())
+            buf_sums.append(row_checksum(ids).cpu().numpy())
+            bar.update(len(ids))
+            if sum(len(s) for s in buf_scores) >= shard_rows:
+                flush()
+    except KeyboardInterrupt:
+        flush()  # every buffered row is complete: keep them
+        raise
+    finally:
+        bar.close()
+    flush()
+    if buf_start >= total:
+        cache.finish(total)
+    return buf_start

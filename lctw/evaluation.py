@@ -1,0 +1,53 @@
+"""``eval.py``: evaluate a run, a checkpoint or any Hugging Face model with the ``eval`` config group.
+
+    python eval.py ckpt=outputs/runs/<date>/<time> eval=ruler eval.lengths=[1024,2048]
+    python eval.py ckpt=<run>/checkpoints/last.ckpt eval=ppl
+    python eval.py ckpt=meta-llama/Meta-Llama-3-8B eval=ruler dtype=bfloat16
+
+θ is rebuilt by :func:`lctw.theta.load_theta` from what the run wrote. With a run of lctw, n, N and
+the held-out documents are that run's own; with a model from elsewhere, the ``n``, ``N`` and ``data``
+of ``conf/evaluate.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from lctw import loggers
+from lctw.config import ConfigError, build
+from lctw.models import DTYPES
+from lctw.theta import load_theta, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """Evaluate ``cfg.ckpt`` with ``cfg.eval``; results go under ``out_dir`` (the Hydra run directory)."""
+    evaluation = build(cfg.eval, "eval")  # options are checked before any model loads
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype={cfg.dtype!r} is not allowed: choose one of {list(DTYPES)}")
+    model, tokenizer, run_cfg = load_theta(cfg.ckpt, cfg.dtype, cfg.get("gguf_file"))
+    model = model.to(resolve_device(cfg.device))
+    n, big_n, data_cfg = cfg.n, cfg.N, cfg.data
+    if run_cfg is not None:  # the run's own lengths and held-out documents
+        n, big_n, data_cfg = run_cfg.n, run_cfg.N, run_cfg.data
+    if out_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        out_dir = HydraConfig.get().runtime.output_dir
+    out_dir = Path(out_dir)
+    # the run's data, tokenized into this installation's cache
+    datamodule = build(data_cfg, "data", tokenizer=tokenizer, cache_dir=cfg.paths.cache)
+    try:
+        logger = loggers.build(cfg, out_dir, group=False)
+        metrics = evaluation(model, tokenizer, out_dir / "eval", logger=logger, datamodule=datamodule, n=n, N=big_n)
+        (out_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        log.info("evaluation written to %s", out_dir / "eval")
+        return metrics
+    finally:
+        loggers.finish()

@@ -1,0 +1,197 @@
+"""The scorer protocol and its implementations: θ', the short-context model of the method.
+
+A scorer answers one question for a training batch: the short-context log-probs
+``short_i = log p_θ'(x_i | at most n preceding tokens)``, given θ and the long-context log-probs of the
+training pass (``scorer(theta, batch, long_logprobs) -> (B, T-1) float32 or None``). The weighting
+then compares them with the long ones. Every scorer declares two facts the rest of the code relies on:
+
+* ``produces_scores``: False only for ``none`` (uniform weighting needs no θ').
+* ``fixed``: θ' does not change during training, so its log-probs are a function of the data and can
+  be computed once (``score.py``) and read back (:class:`CachedScorer`). True for ``frozen`` and
+  ``small``; False for ``self``, whose θ' is θ as it trains.
+
+Live or cached is chosen in one visible place: ``scorer.cache`` in the config, which makes
+:func:`lctw.experiment.run` wrap the fixed scorer in a :class:`CachedScorer`.
+
+Scorers are ``torch.nn.Module``s, so a fixed scorer's model (θ0 or the small model) is a registered
+submodule of the LightningModule: the strategy moves (and shards) it with θ. It is never trainable,
+never in the optimizer, stays in eval mode, and is left out of checkpoints unless ``save=True``
+(on resume it is rebuilt from its spec, which is cheaper than storing a second model).
+
+Adding a scorer: subclass :class:`Scorer` (set ``name`` and ``fixed``, implement ``forward``; load a
+model in ``setup`` if it needs one) and add ``conf/scorer/<name>.yaml``; see the README.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lctw.scoring import ShortContext
+
+
+class Scorer(torch.nn.Module):
+    """The protocol. ``forward(theta, batch, long_logprobs)`` returns short log-probs (B, T-1) or None."""
+
+    name = "scorer"
+    fixed = False  # True: θ' never changes during training, so its log-probs can be cached
+    produces_scores = True
+
+    def __init__(self, n: int, max_len: int):
+        super().__init__()
+        self.n, self.max_len = int(n), int(max_len)
+
+    def setup(self, theta_spec) -> None:
+        """Load θ' if the scorer has its own model; called once with the trained model's spec."""
+
+    def forward(self, theta, batch: dict, long_logprobs: Tensor) -> Tensor | None:
+        raise NotImplementedError
+
+
+class NoScorer(Scorer):
+    """The uniform baseline: no θ', no scores."""
+
+    name = "none"
+    produces_scores = False
+
+    def __init__(self, n: int = 2, max_len: int = 4):
+        super().__init__(n, max_len)
+
+    def forward(self, theta, batch, long_logprobs):
+        return None
+
+
+class SelfScorer(Scorer):
+    """θ itself with its context cut to n ("unfrozen"); no extra memory, no gradient.
+
+    The first n targets (x_2 … x_{n+1}) have at most n preceding tokens, so their short context *is* the
+    full one: they reuse the training pass's log-probs (score 0), in every mode, as the paper's code
+    does; the rest are computed (in chunked mode the first window is not run at all).
+    """
+
+    name = "self"
+
+    def __init__(self, n: int, max_len: int, mode: str = "chunked", stride: int | None = None,
+                 sink: bool | str = False, attention: str = "auto"):
+        super().__init__(n, max_len)
+        self.short = ShortContext(n, max_len, mode, stride, sink, attention)
+
+    def forward(self, theta, batch, long_logprobs):
+        short = self.short.logprobs(theta, batch["input_ids"], skip_shared=True)
+        short[:, : self.n] = long_logprobs[:, : self.n].detach().float()
+        return short
+
+
+class FixedScorer(Scorer):
+    """A θ' that never changes during training: a model of its own, eval mode, no gradient.
+
+    Subclasses say which model (:meth:`source`). ``use`` installs an already loaded model.
+    """
+
+    fixed = True
+
+    def __init__(self, n: int, max_len: int, mode: str = "chunked", stride: int | None = None,
+                 sink: bool | str = False, attention: str = "auto", save: bool = False):
+        super().__init__(n, max_len)
+        self.short = ShortContext(n, max_len, mode, stride, sink, attention)
+        self.save = bool(save)
+        self.model: torch.nn.Module | None = None
+
+    def source(self, theta_spec):
+        """The model spec θ' is loaded from (it identifies the scores in the cache)."""
+        raise NotImplementedError
+
+    def setup(self, theta_spec) -> None:
+        self.use(self.source(theta_spec).load())
+
+    def use(self, model: torch.nn.Module) -> FixedScorer:
+        self.model = model.eval().requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> FixedScorer:
+        super().train(mode)
+        if self.model is not None:
+            self.model.eval()  # θ' is evaluated, never trained, whatever the LightningModule's mode
+        return self
+
+    def forward(self, theta, batch, long_logprobs):
+        if self.model is None:
+            raise RuntimeError(f"scorer={self.name}: setup() was not called, θ' is not loaded")
+        return self.short.logprobs(self.model, batch["input_ids"])
+
+
+class FrozenScorer(FixedScorer):
+    """θ0: the model before context extension (original RoPE), loaded from the trained model's own spec.
+
+    ``cache`` (``scorer.cache``): false computes the scores on the fly; true or a directory reads them
+    from the cache ``score.py`` wrote instead (:class:`CachedScorer`, θ0 is then not loaded).
+    """
+
+    name = "frozen"
+
+    def __init__(self, *args, cache: bool | str | None = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cache = cache
+
+    def source(self, theta_spec):
+        return theta_spec
+
+
+class SmallScorer(FixedScorer):
+    """A separate (smaller) pretrained model with the same vocabulary: weak-to-strong scoring.
+
+    ``model`` is a model spec from ``conf/model``; the config layer (:mod:`lctw.config`) compares its
+    tokenizer with the trained model's before any weights load.
+    """
+
+    name = "small"
+
+    def __init__(self, model, *args, cache: bool | str | None = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spec, self.cache = model, cache
+
+    def source(self, theta_spec):
+        return self.spec
+
+
+class CachedScorer(Scorer):
+    """A fixed scorer's log-probs read from the batch (the score cache): no model, no forward pass.
+
+    The data module carries the cached ``short_logprobs`` and ``checksum`` columns
+    (:func:`lctw.cache.attach`); every batch's tokens are checked against the checksum the row was
+    scored with, so a cache can never be applied to other data silently.
+    """
+
+    name = "cached"
+    fixed = True
+
+    def __init__(self, source: FixedScorer, path: str | Path):
+        super().__init__(source.n, source.max_len)
+        self.source_name, self.short, self.path = source.name, source.short, Path(path)
+
+    def forward(self, theta, batch, long_logprobs):
+        from lctw.cache.store import CHECKSUM, SHORT, row_checksum
+
+        if SHORT not in batch or CHECKSUM not in batch:
+            raise ValueError(f"the batch has no {SHORT!r} column: the train data must come from a data module "
+                             "that lctw.cache.attach prepared")
+        ids = batch["input_ids"]
+        bad = row_checksum(ids) != batch[CHECKSUM].to(ids.device)
+        if bad.any():
+            raise ValueError(
+                f"score cache {self.path}: {int(bad.sum())} of {len(bad)} rows of this batch have other tokens than "
+                "the rows that were scored; the cache does not belong to this data: score again with score.py"
+            )
+        short = batch[SHORT]
+        if short.shape != long_logprobs.shape:
+            raise ValueError(f"score cache {self.path}: cached log-probs {tuple(short.shape)} do not match the "
+                             f"batch's {tuple(long_logprobs.shape)}")
+        return short.to(long_logprobs.device, torch.float32)
+
+
+def frozen_copy(model: torch.nn.Module, n: int, max_len: int, **options) -> FrozenScorer:
+    """A frozen scorer over a copy of an in-memory model (notebooks, tests, benchmarks)."""
+    return FrozenScorer(n, max_len, **options).use(copy.deepcopy(model))

@@ -1,0 +1,73 @@
+"""θ, the trained model: built in one place for training, scoring and evaluation.
+
+:func:`build_theta` loads a model spec and applies the context extension: the training run calls it,
+and so does :func:`load_theta` for a Lightning checkpoint, with the architecture only (the checkpoint
+then supplies the weights). Everything needed to rebuild θ travels with what a run writes:
+
+* a Lightning checkpoint holds the run's resolved config (``hyper_parameters["config"]``, from the
+  module's ``save_hyperparameters``) and θ's weights under ``model.``;
+* ``<run>/hf/`` is θ as a Hugging Face model, whose ``config.json`` carries the extended RoPE settings
+  (``rope_parameters``, ``max_position_embeddings``), plus ``lctw.yaml``, the run's resolved config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+THETA = "model"  # θ's attribute in the LightningModule, so its checkpoint keys start with "model."
+RUN_CONFIG = "lctw.yaml"  # the run's resolved config beside an exported θ
+
+
+def build_theta(model_spec, context, weights: bool = True) -> torch.nn.Module:
+    """θ = the spec's model with its context extended (n -> N), in train mode."""
+    model = model_spec.load(weights=weights)
+    context.apply(model)
+    return model.train()  # from_pretrained returns eval mode; gradient checkpointing only acts in train mode
+
+
+def save_theta(model, tokenizer, out_dir: Path, config: dict | None) -> None:
+    """θ as a Hugging Face model directory, with the run's config beside it."""
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if config is not None:
+        OmegaConf.save(OmegaConf.create(config), Path(out_dir) / RUN_CONFIG)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` is the GPU when there is one, else the CPU."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def load_theta(ckpt: str, dtype: str = "float32", gguf_file: str | None = None):
+    """(θ, tokenizer, the run's config or None) for a run directory, a ``.ckpt`` or a Hugging Face model."""
+    from lctw.config import build
+    from lctw.models import DTYPES, HFModel
+
+    path = Path(str(ckpt)).expanduser()
+    if path.suffix == ".ckpt":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        config = (state.get("hyper_parameters") or {}).get("config")
+        if config is None:
+            raise ValueError(f"ckpt={path}: the checkpoint holds no run config (hyper_parameters['config']); "
+                             "it was not written by lctw's training module")
+        run_cfg = OmegaConf.create(config)
+        spec = build(run_cfg.model, "model")
+        model = build_theta(spec, build(run_cfg.context, "context"), weights=False)
+        prefix = f"{THETA}."
+        model.load_state_dict({k.removeprefix(prefix): v for k, v in state["state_dict"].items()
+                               if k.startswith(prefix)})
+        model = model.to(DTYPES[dtype])
+        tokenizer = spec.tokenizer()
+    else:
+        source = path / "hf" if (path / "hf" / "config.json").exists() else path
+        spec = HFModel(str(source) if source.exists() else str(ckpt), dtype=dtype, gguf_file=gguf_file)
+        model, tokenizer = spec.load(), spec.tokenizer()
+        saved = source / RUN_CONFIG
+        run_cfg = OmegaConf.load(saved) if saved.exists() else None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer, run_cfg
+
