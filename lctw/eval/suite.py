@@ -136,10 +136,10 @@ class Ruler:
         self.batch_size, self.seed, self.chat_template, self.data_dir = batch_size, seed, chat_template, data_dir
 
     def __call__(self, model, tokenizer, out_dir, logger=None, **_) -> dict:
-        from lctw.eval.ruler import evaluate, results_table, write_results
+        from lctw.eval.ruler import results_table, run_ruler, write_results
 
-        results = evaluate(model, tokenizer, self.tasks, self.lengths, self.samples, batch_size=self.batch_size,
-                           seed=self.seed, chat_template=self.chat_template, data_dir=self.data_dir)
+        results = run_ruler(model, tokenizer, self.tasks, self.lengths, self.samples, batch_size=self.batch_size,
+                            seed=self.seed, chat_template=self.chat_template, data_dir=self.data_dir)
         out = Path(out_dir)
         print(write_results(results, out))
         table = results_table(results)
