@@ -15,7 +15,9 @@ The rest of the package:
 
 * ``ruler`` (package), ``ruler_sources``, ``metrics``: RULER itself, its offline data, its metrics.
 * ``harness`` (package): MMLU / BBH / LongBench through lm-eval on local data (``run_harness``).
+* ``position``: cross-entropy by position bucket on held-out documents.
 * ``suite``: the ``eval`` config group's evaluations, run by ``eval.py`` and ``train.py``.
+* ``report``: their plots and logger output.
 """
 
 from lctw.eval.metrics import postprocess_pred, string_match_all, string_match_part
