@@ -84,7 +84,7 @@ def test_structure_counts_and_ranges(report):
     for task, r in report["results"].items():
         family = task.partition("_")[0]
         assert r["family"] == family
-        expected_metric = metrics[family] if family in metrics else H.LONGBENCH_TASKS[task.partition("_")[2]][3]
+        expected_metric = metrics[family] if family in metrics else H.LONGBENCH_TASKS[task.partition("_")[2]].metric
         assert r["metric"] == expected_metric
         assert 0.0 <= r["score"] <= 100.0 and r["score"] == r[r["metric"]]
         assert len(report["samples"][task]) == r["n"]
@@ -154,7 +154,7 @@ def test_bbh_prompt_is_answer_only_few_shot(report):
 
 def test_longbench_prompt_is_the_reference_template(report):
     row = json.loads((DATA / "longbench" / "hotpotqa.jsonl").read_text().splitlines()[0])
-    prompt = H.LONGBENCH_TASKS["hotpotqa"][0].format(context=row["context"], input=row["input"])
+    prompt = H.LONGBENCH_TASKS["hotpotqa"].prompt.format(context=row["context"], input=row["input"])
     assert report["samples"]["longbench_hotpotqa"][0]["prompt"] == prompt
     assert prompt.endswith(f"Question: {row['input']}\nAnswer:")
 
@@ -164,7 +164,7 @@ def test_longbench_middle_truncation_and_chat_template(model, tok):
     out = H.run_harness(model, tok, ["longbench_hotpotqa", "longbench_trec"], str(DATA), limit=1,
                         longbench_max_length=24, apply_chat_template=True, log_samples=True)
     row = json.loads((DATA / "longbench" / "hotpotqa.jsonl").read_text().splitlines()[0])
-    full = tok(H.LONGBENCH_TASKS["hotpotqa"][0].format(**row), add_special_tokens=False)["input_ids"]
+    full = tok(H.LONGBENCH_TASKS["hotpotqa"].prompt.format(**row), add_special_tokens=False)["input_ids"]
     kept = tok.decode(full[:12]) + tok.decode(full[-12:])
     hotpot = out["samples"]["longbench_hotpotqa"][0]["prompt"]
     assert hotpot == f"<s><|user|>\n{kept}</s>\n<|assistant|>\n"  # truncated in the middle, then wrapped

