@@ -1,0 +1,51 @@
+"""Toy parts that the README's "add your own" recipes add from outside the package (test_recipes.py).
+
+Each is one class here plus one YAML in a config directory given to train.py with hydra.searchpath.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lctw.context import ContextExtension
+from lctw.scorers import Scorer
+from lctw.weighting import Weighting
+
+
+class UnigramScorer(Scorer):
+    """θ' with no context at all: each token's log relative frequency in its own sequence (add-one)."""
+
+    name = "unigram"
+
+    def forward(self, theta, batch, long_logprobs):
+        ids = batch["input_ids"]
+        vocab = theta.config.vocab_size
+        counts = torch.ones(ids.shape[0], vocab, device=ids.device).scatter_add_(
+            1, ids, torch.ones_like(ids, dtype=torch.float32))
+        logp = counts.log() - counts.sum(-1, keepdim=True).log()
+        return logp.gather(1, ids[:, 1:])
+
+
+class Tempered(Weighting):
+    """w = M · softmax(s / temperature) per sequence, s = |short - long|."""
+
+    def __init__(self, temperature: float = 1.0):
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature} is out of range: allowed > 0")
+        self.temperature = float(temperature)
+
+    def weights(self, long_lp, short_lp, mask):
+        s = (short_lp - long_lp).abs() / self.temperature
+        s = s.masked_fill(~mask, float("-inf"))
+        return mask.sum(-1, keepdim=True) * torch.softmax(s, dim=-1)
+
+
+class ScaledTheta(ContextExtension):
+    """RoPE base times a fixed ``scale`` (a toy ABF rule)."""
+
+    def __init__(self, max_len: int, n: int, scale: float = 8.0):
+        super().__init__("theta", max_len, n)
+        self.scale = float(scale)
+
+    def rope_parameters(self, config) -> dict:
+        return {**config.rope_parameters, "rope_theta": config.rope_parameters["rope_theta"] * self.scale}
