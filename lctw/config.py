@@ -35,7 +35,7 @@ def named(key: str, message: str) -> str:
     """A part's own error under its config key: ``lam=1.5 …`` -> ``weighting.lam=1.5 …``."""
     if message.startswith((f"{key}.", f"{key}=", f"{key}:")):
         return message
-    if re.match(r"[A-Za-z_]\w*=", message):
+    if re.match(r"[A-Za-z_]\w*[=:]", message):
         return f"{key}.{message}"
     return f"{key}: {message}"
 

@@ -71,3 +71,23 @@ def test_validation_split_at_n_equals_a_direct_computation(monkeypatch):
         expected = float(-model_logprobs(model, ids, None).mean())
     module.on_validation_epoch_end()
     assert "val/ce_beyond_n" not in logged and logged["val/ce"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_theta0_is_a_frozen_submodule_left_out_of_checkpoints_unless_asked(save):
+    from lctw.scorers import FrozenScorer
+
+    theta = tiny_llama(layers=1)
+    scorer = FrozenScorer(8, 32, save=save).use(tiny_llama(layers=1, seed=1))
+    module = TokenWeightingLM(theta, scorer, n=8, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    assert any(name.startswith("scorer.model.") for name, _ in module.named_parameters())  # registered
+    optimized = {id(p) for group in module.configure_optimizers().param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in theta.parameters()}  # θ0 is never in the optimizer
+    module.train()
+    assert theta.training and not scorer.model.training  # θ0 stays in eval mode
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert any(k.startswith("scorer.") for k in checkpoint["state_dict"]) == save
+    # resuming: the θ0 keys a checkpoint left out are taken from the scorer as set up; strict loading passes
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=True)

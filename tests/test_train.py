@@ -175,3 +175,14 @@ def test_parallel_processes_build_the_tiny_base_once(tmp_path):
     assert sum(o.count("building the tiny base model") for o in outs) == 1, outs
     sums = {line for o in outs for line in o.splitlines() if line.startswith("SUM")}
     assert len(sums) == 1, sums
+
+
+def test_resume_from_a_checkpoint_without_theta0(trained_run, cache_dir, tmp_path):
+    """The checkpoint holds θ, not θ0; resuming rebuilds θ0 from its spec and continues from step 3."""
+    run_dir, _ = trained_run
+    cfg = compose([*SMALL, "trainer.max_steps=4", "trainer.val_check_interval=1",
+                   f"ckpt_path={run_dir}/checkpoints/last.ckpt"], cache=cache_dir)
+    metrics = run(cfg, run_dir=tmp_path)
+    assert math.isfinite(metrics["val/ce"]) and metrics["train/weight_ess"] < 1
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 4 and not any(k.startswith("scorer") for k in resumed["state_dict"])

@@ -22,9 +22,9 @@ class PositionPerplexity:
     def __init__(self, bucket: int | None = None, max_sequences: int = 64, batch_size: int = 2,
                  chunk_size: int | None = 1024):
         if bucket is not None and bucket < 1:
-            raise ValueError(f"eval.bucket={bucket} is out of range: allowed >= 1 or null (= n)")
+            raise ValueError(f"bucket={bucket} is out of range: allowed >= 1 or null (= n)")
         if max_sequences < 1:
-            raise ValueError(f"eval.max_sequences={max_sequences} is out of range: allowed >= 1")
+            raise ValueError(f"max_sequences={max_sequences} is out of range: allowed >= 1")
         self.bucket, self.max_sequences = bucket, max_sequences
         self.batch_size, self.chunk_size = batch_size, chunk_size
 

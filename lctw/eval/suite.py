@@ -31,9 +31,9 @@ class Ruler:
 
         unknown = sorted(set(tasks or []) - set(TASKS))
         if unknown:
-            raise ValueError(f"eval.tasks: unknown {unknown}; allowed {sorted(TASKS)} (or null = all 13)")
+            raise ValueError(f"tasks: unknown {unknown}; allowed {sorted(TASKS)} (or null = all 13)")
         if samples < 1 or not lengths or min(lengths) < 1:
-            raise ValueError(f"eval.samples={samples} and eval.lengths={list(lengths)} must be positive")
+            raise ValueError(f"samples={samples} and lengths={list(lengths)} must be positive")
         self.tasks, self.lengths, self.samples = list(tasks) if tasks else None, [int(x) for x in lengths], samples
         self.batch_size, self.seed, self.chat_template, self.data_dir = batch_size, seed, chat_template, data_dir
 
@@ -59,9 +59,9 @@ class Harness:
     def __init__(self, tasks: list[str], data_dir: str, num_fewshot: int = 0, limit: float | None = None,
                  batch_size: int = 1, chat_template: bool = False):
         if not tasks:
-            raise ValueError("eval.tasks is empty: give e.g. [mmlu, bbh, longbench] or single tasks (mmlu_<subject>)")
+            raise ValueError("tasks is empty: give e.g. [mmlu, bbh, longbench] or single tasks (mmlu_<subject>)")
         if not data_dir:
-            raise ValueError("eval.data_dir is required: the directory holding your local mmlu/ bbh/ longbench/ data")
+            raise ValueError("data_dir is required: the directory holding your local mmlu/ bbh/ longbench/ data")
         self.tasks, self.data_dir, self.num_fewshot, self.limit = list(tasks), data_dir, num_fewshot, limit
         self.batch_size, self.chat_template = batch_size, chat_template
 

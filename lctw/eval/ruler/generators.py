@@ -6,6 +6,9 @@ budget. ``build`` must draw all its randomness from ``rng``, except for the shuf
 with a fresh ``Random(seed)`` (``fixed_shuffle``), so that a probe on a cloned ``rng`` sees exactly the
 draws of the real sample. What one kind needs beyond ``build`` (VT's worked example, CWE's word supply,
 QA's number of questions) it does in the hooks of ``_Generator``.
+
+One cohesive thing at about 400 lines: the five generators share the base class and its search
+contract, and each is read beside the reference's own generator script.
 """
 
 from __future__ import annotations
