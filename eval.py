@@ -9,11 +9,12 @@ import hydra
 from omegaconf import DictConfig
 
 from lctw.evaluation import evaluate
+from lctw.jobs import run_job
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    run_job(cfg, evaluate)
 
 
 if __name__ == "__main__":

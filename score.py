@@ -14,11 +14,12 @@ import hydra
 from omegaconf import DictConfig
 
 from lctw.cache.fill import fill_cache
+from lctw.jobs import run_job
 
 
 @hydra.main(config_path="conf", config_name="score", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    fill_cache(cfg)
+    run_job(cfg, fill_cache)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ import hydra
 from omegaconf import DictConfig
 
 from lctw.experiment import run
+from lctw.jobs import run_job
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
-    return metrics.get("val/ce")
+    metrics = run_job(cfg, run)  # status.json in the run directory; a failed sweep job does not stop the sweep
+    return metrics.get("val/ce") if metrics else None
 
 
 if __name__ == "__main__":

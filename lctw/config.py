@@ -24,8 +24,12 @@ class ConfigError(ValueError):
 
 
 def _register_resolvers() -> None:
+    from lctw.jobs import run_token
+
     if not OmegaConf.has_resolver("div"):
         OmegaConf.register_new_resolver("div", lambda a, b: a / b)
+    if not OmegaConf.has_resolver("run_token"):  # unique run directories (lctw.jobs)
+        OmegaConf.register_new_resolver("run_token", run_token)
 
 
 _register_resolvers()
@@ -100,6 +104,13 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
                 f"({len(small_vocab)} tokens) from model ({model_spec.describe()}, {len(tokenizer)} tokens); "
                 "the small scorer must use the same tokenizer"
             )
+    if cfg.get("nonfinite") is not None:
+        from lctw.module import check_nonfinite
+
+        try:
+            check_nonfinite(cfg.nonfinite.policy, cfg.nonfinite.max_skipped)
+        except ValueError as err:
+            raise ConfigError(named("nonfinite", str(err))) from None
     if cfg.get("eval"):
         build(cfg.eval, "eval")  # the evaluation's options are checked before training starts
     return Parts(model_spec, scorer, weighting, context, tokenizer)

@@ -11,7 +11,6 @@ of ``conf/evaluate.yaml``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ from omegaconf import DictConfig
 
 from lctw import loggers
 from lctw.config import ConfigError, build
+from lctw.jobs import write_metrics
 from lctw.models import DTYPES
 from lctw.theta import load_theta, resolve_device
 
@@ -46,7 +46,7 @@ def evaluate(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[
     try:
         logger = loggers.build(cfg, out_dir, group=False)
         metrics = evaluation(model, tokenizer, out_dir / "eval", logger=logger, datamodule=datamodule, n=n, N=big_n)
-        (out_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        write_metrics(out_dir / "eval_metrics.json", metrics)
         log.info("evaluation written to %s", out_dir / "eval")
         return metrics
     finally:

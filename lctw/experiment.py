@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lctw import loggers
 from lctw.config import build, validate
+from lctw.jobs import write_metrics
 from lctw.module import TokenWeightingLM
 from lctw.theta import build_theta, save_theta
 
@@ -51,7 +52,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
         config = OmegaConf.to_container(cfg, resolve=True)
         logger = loggers.build(cfg, run_dir)
         module = TokenWeightingLM(model, scorer, parts.weighting, n=cfg.n, optimizer=instantiate(cfg.optimizer),
-                                  scheduler=instantiate(cfg.scheduler), chunk_size=cfg.chunk_size, config=config)
+                                  scheduler=instantiate(cfg.scheduler), chunk_size=cfg.chunk_size, config=config,
+                                  nonfinite=cfg.nonfinite.policy, max_skipped=cfg.nonfinite.max_skipped)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         for cb in callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
@@ -72,7 +74,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
                 evaluation = build(cfg.eval, "eval")
                 metrics.update(evaluation(module.model, parts.tokenizer, run_dir / "eval", logger=logger,
                                           datamodule=datamodule, n=cfg.n, N=cfg.N))
-            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            write_metrics(run_dir / "metrics.json", metrics)
         log.info("run finished: %s", json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("val")}))
         return metrics
     finally:

@@ -10,10 +10,20 @@ Logged: ``train/loss`` (weighted), ``train/ce`` (unweighted), weight diagnostics
 mean), ``train/tokens_per_s``; validation ``val/ce``, ``val/ppl`` and the CE split at position n,
 ``val/ce_within_n`` / ``val/ce_beyond_n`` (targets with at most / more than n tokens before them),
 where context extension shows.
+
+Numerical faults are caught, not trained on (``nonfinite`` in ``conf/config.yaml``). A step whose
+log-probs, short log-probs, weights or loss (on valid targets) or whose gradients are not finite is
+skipped: no parameter changes (gradients are dropped, so the optimizer leaves every parameter alone) and
+``train/skipped_steps`` counts it. With ``policy=stop``, or after ``max_skipped`` skipped steps, the run
+stops with a :class:`FloatingPointError` that names the fault and the step. A non-finite validation CE
+stops the run too, and no checkpoint is written while any parameter is non-finite. Rows whose scores are
+all zero are not a fault: the spec gives them uniform weights (dense), and ``train/zero_score_rows``
+counts them.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -26,6 +36,9 @@ from lctw.loss import weighted_loss
 from lctw.scorers import NoScorer, Scorer
 from lctw.scoring import model_logprobs
 from lctw.weighting import Uniform, Weighting
+
+log = logging.getLogger(__name__)
+NONFINITE = ("skip", "stop")
 
 
 def weight_stats(weights: Tensor, mask: Tensor, n: int) -> dict[str, Tensor]:
@@ -47,6 +60,13 @@ def weight_stats(weights: Tensor, mask: Tensor, n: int) -> dict[str, Tensor]:
     }
 
 
+def check_nonfinite(policy: str, max_skipped: int) -> None:
+    if policy not in NONFINITE:
+        raise ValueError(f"policy={policy!r} is not allowed: choose one of {list(NONFINITE)}")
+    if isinstance(max_skipped, bool) or not isinstance(max_skipped, int) or max_skipped < 0:
+        raise ValueError(f"max_skipped={max_skipped!r} is out of range: allowed an int >= 0")
+
+
 class TokenWeightingLM(L.LightningModule):
     """θ (already extended to N), a scorer and a weighting; ``config`` is the run's resolved config,
     saved in every checkpoint (``save_hyperparameters``) so that a checkpoint can rebuild θ by itself
@@ -62,8 +82,11 @@ class TokenWeightingLM(L.LightningModule):
         scheduler: Callable | None = None,
         chunk_size: int | None = 1024,
         config: dict | None = None,
+        nonfinite: str = "skip",
+        max_skipped: int = 5,
     ):
         super().__init__()
+        check_nonfinite(nonfinite, max_skipped)
         self.save_hyperparameters("config", logger=False)
         self.model = model  # θ: the only trained parameters (THETA in lctw.theta names this attribute)
         self.scorer = scorer or NoScorer()  # a submodule: a fixed scorer's θ' moves (and shards) with θ
@@ -74,14 +97,42 @@ class TokenWeightingLM(L.LightningModule):
         self.scheduler_factory = scheduler
         self.val_ce = torch.nn.ModuleDict({k: MeanMetric() for k in ("all", "within_n", "beyond_n")})
         self._last_batch_start: float | None = None
+        self.nonfinite, self.max_skipped = nonfinite, max_skipped
+        self.skipped_steps = 0  # saved in checkpoints: a resumed run keeps counting
+
+    def _fault(self, what: str) -> None:
+        """Count a skipped step, or stop: the policy of the module docstring."""
+        self.skipped_steps += 1
+        step = self.trainer.global_step if self._trainer is not None else -1
+        if self.nonfinite == "stop" or self.skipped_steps > self.max_skipped:
+            raise FloatingPointError(
+                f"non-finite {what} at step {step}: stopping (nonfinite.policy={self.nonfinite}, "
+                f"{self.skipped_steps} faulty steps, nonfinite.max_skipped={self.max_skipped}); the run has "
+                "diverged or its inputs are corrupted: lower optimizer.lr or check the data and the score cache"
+            )
+        log.warning("non-finite %s at step %d: step skipped (%d of at most %d)", what, step, self.skipped_steps,
+                    self.max_skipped)
+
+    def _any_rank(self, bad: bool) -> bool:
+        """Every rank skips together (a rank that skipped alone would hang the others' all-reduce)."""
+        if self._trainer is None:
+            return bad
+        return bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """θ' is rebuilt from its spec on resume; a checkpoint holds it only if ``scorer.save`` asks."""
+        """θ' is rebuilt from its spec on resume; a checkpoint holds it only if ``scorer.save`` asks.
+        A checkpoint is never written with non-finite parameters."""
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise FloatingPointError(f"not saving a checkpoint: {len(bad)} parameters of θ are not finite "
+                                     f"(e.g. {bad[0]}); the run has diverged")
+        checkpoint["skipped_steps"] = self.skipped_steps
         if not getattr(self.scorer, "save", False):
             for key in [k for k in checkpoint["state_dict"] if k.startswith("scorer.")]:
                 del checkpoint["state_dict"][key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         for key, value in self.scorer.state_dict(prefix="scorer.").items():
             checkpoint["state_dict"].setdefault(key, value)  # θ' as set up, where the checkpoint left it out
 
@@ -98,8 +149,18 @@ class TokenWeightingLM(L.LightningModule):
         short_lp = self.scorer(self.model, batch, long_lp.detach())
         weights = self.weighting(long_lp, short_lp, mask)
         loss = weighted_loss(long_lp, weights, mask)
+        checks = (("log-probs", long_lp), ("short log-probs", short_lp), ("weights", weights))
+        bad = next((what for what, x in checks if x is not None and not torch.isfinite(x.detach()[mask]).all()),
+                   None) or (None if torch.isfinite(loss.detach()) else "loss")
+        if self._any_rank(bad is not None):
+            self._fault(bad or "values on another rank")
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+            return None  # Lightning skips backward and the optimizer step
         ce = weighted_loss(long_lp.detach(), None, mask)
-        logs = {"train/loss": loss.detach(), "train/ce": ce}
+        logs = {"train/loss": loss.detach(), "train/ce": ce, "train/skipped_steps": float(self.skipped_steps)}
+        if short_lp is not None:
+            s = ((short_lp - long_lp.detach()).abs() * mask).sum(-1)
+            logs["train/zero_score_rows"] = (s == 0).float().sum()
         logs.update({f"train/{k}": v for k, v in weight_stats(weights, mask, self.n).items()})
         if short_lp is not None:
             logs["train/score_mean"] = ((short_lp - long_lp.detach()).abs() * mask).sum() / mask.sum().clamp_min(1)
@@ -117,10 +178,20 @@ class TokenWeightingLM(L.LightningModule):
             if sel.any():
                 self.val_ce[key].update(nll[sel])
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        bad = any(not torch.isfinite(g).all() for g in grads)
+        if self._any_rank(bad):
+            self._fault("gradients")
+            for p in self.model.parameters():
+                p.grad = None  # the optimizer skips parameters without a gradient: nothing changes
+
     def on_validation_epoch_end(self) -> None:
         for key, metric in self.val_ce.items():
             if metric.update_called:  # a split may be empty (e.g. sequences no longer than n)
                 value = metric.compute()
+                if not torch.isfinite(value):
+                    raise FloatingPointError(f"validation CE ({key}) is not finite: θ has diverged")
                 name = "val/ce" if key == "all" else f"val/ce_{key}"
                 self.log(name, value, prog_bar=key == "all", sync_dist=False)
                 if key == "all":
