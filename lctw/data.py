@@ -29,7 +29,7 @@ from pathlib import Path
 import datasets
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 SOURCES = ("essays", "files", "hf")
 _MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
@@ -109,6 +109,7 @@ class LongDocuments(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.train_set = self.val_set = None
         self.fingerprints: dict[str, str] = {}  # split -> stable key of its chunks (see _chunks)
+        self._resume: dict | None = None  # where an interrupted run stopped (load_state_dict)
 
     # -- documents ------------------------------------------------------------------------------
     def documents(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -231,13 +232,66 @@ class LongDocuments(L.LightningDataModule):
         self.train_set = datasets.concatenate_datasets([self.train_set, columns], axis=1).with_format("torch")
 
     def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=collate,
+        sampler = EpochSampler(len(self.train_set), self.seed)
+        if self._resume:
+            sampler.resume(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            self._resume = None
+        # the loader's own generator only seeds its workers; the order is the sampler's
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers, drop_last=True,
                           generator=torch.Generator().manual_seed(self.seed))
+
+    def state_dict(self) -> dict:
+        """Where training stands in the data (saved in every checkpoint): the epoch and the batches of it
+        that were trained on. Called while a checkpoint is written, after a batch's step."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state or None
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, collate_fn=collate,
                           num_workers=self.num_workers)
+
+
+class EpochSampler(Sampler[int]):
+    """The shuffled order as a function of (seed, epoch), so a resumed run sees the batches it has not seen.
+
+    The order is exactly the one ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``
+    gives in its e-th epoch (each epoch the loader draws its workers' base seed from that generator, then
+    the permutation), so runs from before resumable data order keep their batches. ``resume(epoch, rows)``
+    skips the first ``rows`` of that epoch once; Lightning calls ``set_epoch`` at every epoch start.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+        self._skip: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume(self, epoch: int, rows: int) -> None:
+        self.epoch, self._skip = epoch, (epoch, rows)
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch + 1):
+            torch.empty((), dtype=torch.int64).random_(generator=g)  # the loader's base-seed draw
+            perm = torch.randperm(self.n, generator=g)
+        return perm.tolist()
+
+    def __iter__(self):
+        order = self.order(self.epoch)
+        if self._skip is not None and self._skip[0] == self.epoch:
+            order = order[self._skip[1]:]
+            self._skip = None
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def collate(rows: list[dict]) -> dict:

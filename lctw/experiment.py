@@ -23,12 +23,28 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lctw import loggers
-from lctw.config import build, validate
-from lctw.jobs import write_metrics
+from lctw.config import ConfigError, build, validate
+from lctw.jobs import read_metrics, write_metrics
 from lctw.module import TokenWeightingLM
 from lctw.theta import build_theta, save_theta
 
 log = logging.getLogger(__name__)
+
+
+def resume_point(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path`` (``last`` = this run directory's last.ckpt), or, when
+    the run directory already holds ``checkpoints/last.ckpt`` (an interrupted run started again with the
+    same ``hydra.run.dir``), that one: the run continues where it stopped, in the same directory."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    option = cfg.get("ckpt_path")
+    if option == "last":
+        if not last.exists():
+            raise ConfigError(f"ckpt_path=last: {last} does not exist (give the run's directory as hydra.run.dir)")
+        return str(last)
+    if option is None and last.exists():
+        log.info("resuming from %s (the run directory holds an interrupted run)", last)
+        return str(last)
+    return option
 
 
 def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, float]:
@@ -60,12 +76,15 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
                 cb.dirpath = str(run_dir / "checkpoints")
         trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
                               default_root_dir=str(run_dir))
-        before = {}
-        if cfg.get("validate_first") and not cfg.get("ckpt_path"):
+        ckpt_path = resume_point(cfg, run_dir)
+        before = read_metrics(run_dir / "metrics.json", suffix="_before")  # measured before an interruption
+        if cfg.get("validate_first") and ckpt_path is None:
             # θ right after context extension, before any training: the baseline the run improves on
             results = trainer.validate(module, datamodule=datamodule, verbose=False)
             before = {f"{k}_before": float(v) for k, v in (results[0] if results else {}).items()}
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            if trainer.is_global_zero:
+                write_metrics(run_dir / "metrics.json", before)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics.update(before)
         if trainer.is_global_zero:

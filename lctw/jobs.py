@@ -19,6 +19,7 @@ import math
 import os
 import secrets
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -56,6 +57,13 @@ def write_metrics(path: Path, metrics: dict[str, float]) -> None:
     """Strict JSON: a non-finite value is written as null, never as a bare NaN that parsers reject."""
     clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
     path.write_text(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False))
+
+
+def read_metrics(path: Path, suffix: str = "") -> dict[str, float]:
+    """The finite values of a metrics file whose keys end with ``suffix`` ({} if there is none)."""
+    if not path.exists():
+        return {}
+    return {k: v for k, v in json.loads(path.read_text()).items() if k.endswith(suffix) and v is not None}
 
 
 def run_job(cfg: DictConfig, fn: Callable[[DictConfig], dict]) -> dict | None:
@@ -101,8 +109,9 @@ class SweepSummary(Callback):
         print(f"\nsweep {sweep}: {len(jobs) - len(failed)} of {len(jobs)} jobs completed")
         for j in jobs:
             print(f"  {j['status']:<9} {j['dir']}" + (f"  {j['error']}" if j["error"] else ""))
-        if failed:
-            raise RuntimeError(f"{len(failed)} of {len(jobs)} jobs failed (see {sweep / 'summary.md'})")
+        if failed:  # a non-zero exit for scripts and CI (Hydra turns a callback's exception into a warning)
+            print(f"{len(failed)} of {len(jobs)} jobs failed (see {sweep / 'summary.md'})", file=sys.stderr)
+            raise SystemExit(1)
 
 
 def _job_number(path: Path) -> tuple[int, str]:

@@ -41,10 +41,22 @@ def wandb(save_dir: str, name: str, group: str | None, hparams: dict, project: s
     logger = WandbLogger(
         project=project, entity=entity, name=name, group=group, save_dir=save_dir, tags=list(tags or []),
         mode=wandb_mode(mode), settings=wandb_lib.Settings(init_timeout=init_timeout, console="off"),
-        reinit="finish_previous",
+        reinit="finish_previous", id=run_id(save_dir), resume="allow",
     )
     logger.log_hyperparams(hparams)
     return logger
+
+
+def run_id(save_dir: str) -> str:
+    """The W&B run id of a run directory, kept in ``<dir>/wandb/run_id``: a run resumed in its directory
+    (after a crash or a SLURM requeue) continues the same W&B run."""
+    import secrets
+
+    f = Path(save_dir) / "wandb" / "run_id"
+    if not f.exists():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(secrets.token_hex(4))
+    return f.read_text().strip()
 
 
 def csv(save_dir: str, name: str, group: str | None, hparams: dict):

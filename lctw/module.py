@@ -127,12 +127,34 @@ class TokenWeightingLM(L.LightningModule):
             raise FloatingPointError(f"not saving a checkpoint: {len(bad)} parameters of θ are not finite "
                                      f"(e.g. {bad[0]}); the run has diverged")
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["rng"] = self._rng_states()
         if not getattr(self.scorer, "save", False):
             for key in [k for k in checkpoint["state_dict"] if k.startswith("scorer.")]:
                 del checkpoint["state_dict"][key]
 
+    def _rng_states(self) -> dict:
+        """The random streams training draws from: torch's (dropout) and the weighting's own (sparse ties)."""
+        states = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        generator = getattr(self.weighting, "generator", None)
+        if generator is not None:
+            states["weighting"] = generator.get_state()
+        return states
+
+    def on_train_start(self) -> None:
+        """Restored here, not at load time: loading the checkpoint happens before the data is set up."""
+        states, self._resumed_rng = getattr(self, "_resumed_rng", None), None
+        if states:
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+            if "weighting" in states:
+                self.weighting.generator.set_state(states["weighting"])
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        self._resumed_rng = checkpoint.get("rng")
         for key, value in self.scorer.state_dict(prefix="scorer.").items():
             checkpoint["state_dict"].setdefault(key, value)  # θ' as set up, where the checkpoint left it out
 

@@ -5,7 +5,11 @@ Each is one class here plus one YAML in a config directory given to train.py wit
 
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from lctw.context import ContextExtension
 from lctw.scorers import Scorer
@@ -49,3 +53,17 @@ class ScaledTheta(ContextExtension):
 
     def rope_parameters(self, config) -> dict:
         return {**config.rope_parameters, "rope_theta": config.rope_parameters["rope_theta"] * self.scale}
+
+
+class Crash(Callback):
+    """Fault injection: at optimizer step ``step``, SIGKILL this process (``how=kill``, as a preempted
+    node or OOM killer would) or raise (``how=raise``, in-process tests)."""
+
+    def __init__(self, step: int, how: str = "kill"):
+        self.step, self.how = step, how
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected crash at step {self.step}")

@@ -1,0 +1,65 @@
+"""Nothing is lost or mixed: a directory per run even when runs start together, a status for every run
+(failures included, with the error in train.log), and a sweep that survives a failing job."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, SMALL
+
+QUICK = [*SMALL, "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
+         "validate_first=false", "callbacks=none"]
+
+
+def env(cache_dir):
+    return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+            "LCTW_CACHE": cache_dir}
+
+
+def test_four_runs_started_together_get_four_directories(cache_dir, tmp_path):
+    lams = ["0.1", "0.3", "0.6", "0.9"]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *QUICK, f"weighting.lam={lam}",
+                               f"paths.cache={cache_dir}"], cwd=tmp_path, env=env(cache_dir),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for lam in lams]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for e in errors]
+    runs = sorted((tmp_path / "outputs" / "runs").glob("*/*"))
+    assert len(runs) == 4
+    seen = set()
+    for run in runs:
+        overrides = (run / ".hydra" / "overrides.yaml").read_text()
+        lam = next(x for x in lams if f"weighting.lam={x}" in overrides)
+        config = (run / "hf" / "lctw.yaml").read_text()
+        assert f"lam: {lam}" in config  # the exported model is this run's own
+        assert json.loads((run / "status.json").read_text())["status"] == "completed"
+        assert json.loads((run / "metrics.json").read_text())["train/loss"] > 0
+        seen.add(lam)
+    assert seen == set(lams)
+
+
+def test_a_failed_run_records_its_error(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "weighting.lam=2"], cwd=tmp_path,
+                          env=env(str(tmp_path / "cache")), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "weighting.lam=2 is out of range" in proc.stderr
+    (run,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"] == "ConfigError"
+    assert status["message"].startswith("weighting.lam=2 is out of range")
+    assert "weighting.lam=2 is out of range" in (run / "train.log").read_text()
+    assert not (run / "checkpoints").exists() and not (run / "hf").exists()  # a stub: status, log, config
+
+
+def test_a_failing_job_does_not_take_the_sweep_down(cache_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "train.py", "-m", "weighting.lam=0.5,2.0", *QUICK,
+                           f"paths.cache={cache_dir}", f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=env(cache_dir),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0  # the sweep reports its failure
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [(j["job"].split("_")[0], j["status"]) for j in summary] == [("0", "completed"), ("1", "failed")]
+    assert "weighting.lam=2.0 is out of range" in summary[1]["error"]
+    assert (sweep / summary[0]["job"] / "hf" / "config.json").exists()  # the good job finished
+    assert "1 of 2 jobs completed" in proc.stdout and "weighting.lam=2.0 is out of range" in proc.stdout
+    table = (sweep / "summary.md").read_text()
+    assert f"| {summary[1]['job']} | failed | ConfigError: weighting.lam=2.0 is out of range" in table

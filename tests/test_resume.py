@@ -1,0 +1,49 @@
+"""Interrupted training resumes exactly: a real train.py process is killed with SIGKILL between two
+checkpoints, started again with the same command (same run directory), and ends with the weights and
+metrics of an uninterrupted run, bitwise on the CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+from conftest import ROOT, SMALL
+from safetensors.torch import load_file
+
+# sparse weighting: its tie-breaking generator must be restored too; checkpoints every 4 steps
+RUN = [*SMALL, "weighting=sparse", "trainer.max_steps=8", "trainer.val_check_interval=4"]
+TIMING = ("train/tokens_per_s",)  # wall-clock rates differ between any two runs
+
+
+def train(run_dir, cache_dir, *extra):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+           "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "train.py", *RUN, f"paths.cache={cache_dir}", f"hydra.run.dir={run_dir}", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_sigkill_between_checkpoints_then_the_same_command_resumes_exactly(cache_dir, tmp_path):
+    whole = train(tmp_path / "whole", cache_dir)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    crash = ["+callbacks.crash._target_=toy_parts.Crash", "+callbacks.crash.step=6"]
+    killed = train(tmp_path / "resumed", cache_dir, *crash)
+    assert killed.returncode == -signal.SIGKILL  # killed at step 6, after the step-4 checkpoint
+    assert torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+    assert json.loads((tmp_path / "resumed/status.json").read_text())["status"] == "running"
+
+    again = train(tmp_path / "resumed", cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr and "last.ckpt" in again.stderr
+    a, b = load_file(tmp_path / "whole/hf/model.safetensors"), load_file(tmp_path / "resumed/hf/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    ma = json.loads((tmp_path / "whole/metrics.json").read_text())
+    mb = json.loads((tmp_path / "resumed/metrics.json").read_text())
+    assert "val/ce_before" in mb  # measured before the interruption, kept
+    assert {k: v for k, v in ma.items() if k not in TIMING} == {k: v for k, v in mb.items() if k not in TIMING}
+    assert json.loads((tmp_path / "resumed/status.json").read_text())["status"] == "completed"
+    # the same W&B run continues: one run id in the run directory
+    ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "resumed/wandb").glob("offline-run-*")}
+    assert len(ids) == 1, ids
