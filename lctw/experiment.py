@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lctw import loggers
+from lctw.checkpoints import VerifiedCheckpointIO, check_resume
 from lctw.config import ConfigError, build, validate
 from lctw.jobs import read_metrics, write_metrics
 from lctw.module import TokenWeightingLM
@@ -57,6 +58,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
     run_dir = Path(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg.data, "data", tokenizer=parts.tokenizer)
+    ckpt_path = resume_point(cfg, run_dir)
+    if ckpt_path is not None:
+        check_resume(ckpt_path, cfg)  # sound, and this run's θ: refused before any model loads
     scorer = parts.scorer
     if cfg.scorer.get("cache"):  # live or cached: θ' log-probs read from score.py's cache, θ' never loaded
         from lctw.cache import attach
@@ -75,8 +79,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = str(run_dir / "checkpoints")
         trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
-                              default_root_dir=str(run_dir))
-        ckpt_path = resume_point(cfg, run_dir)
+                              default_root_dir=str(run_dir), plugins=[VerifiedCheckpointIO()])
         before = read_metrics(run_dir / "metrics.json", suffix="_before")  # measured before an interruption
         if cfg.get("validate_first") and ckpt_path is None:
             # θ right after context extension, before any training: the baseline the run improves on
@@ -84,7 +87,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
             before = {f"{k}_before": float(v) for k, v in (results[0] if results else {}).items()}
             if trainer.is_global_zero:
                 write_metrics(run_dir / "metrics.json", before)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics.update(before)
         if trainer.is_global_zero:

@@ -186,3 +186,40 @@ def test_resume_from_a_checkpoint_without_theta0(trained_run, cache_dir, tmp_pat
     assert math.isfinite(metrics["val/ce"]) and metrics["train/weight_ess"] < 1
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 4 and not any(k.startswith("scorer") for k in resumed["state_dict"])
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("truncated", r"is corrupted: its SHA-256 differs"),
+    ("edited", r"is corrupted: its SHA-256 differs"),
+    ("garbage", r"cannot be read as a checkpoint"),
+    ("foreign", r"is for another θ \(model: checkpoint .*'hidden_size': 128.*now .*'hidden_size': 64"),
+    ("missing", r"does not exist"),
+])
+def test_a_bad_checkpoint_is_refused_by_name_before_any_model_loads(trained_run, cache_dir, tmp_path, monkeypatch,
+                                                                    fault, message):
+    import shutil
+
+    from lctw import models
+
+    run_dir, _ = trained_run
+    ckpt = tmp_path / "bad.ckpt"
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", ckpt)
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt.sha256", f"{ckpt}.sha256")
+    data = ckpt.read_bytes()
+    overrides = []
+    if fault == "truncated":
+        ckpt.write_bytes(data[: len(data) // 2])
+    elif fault == "edited":
+        ckpt.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
+    elif fault == "garbage":
+        ckpt.write_bytes(b"not a checkpoint at all")
+        os.remove(f"{ckpt}.sha256")
+    elif fault == "foreign":
+        overrides = ["model.hidden_size=64"]
+    else:
+        ckpt = tmp_path / "nope.ckpt"
+    monkeypatch.setattr(models.HFModel, "load", lambda self, weights=True: pytest.fail("a model was loaded"))
+    cfg = compose([*SMALL, *overrides, f"ckpt_path={ckpt}"], cache=cache_dir)
+    with pytest.raises(ValueError, match=message) as err:
+        run(cfg, run_dir=tmp_path / "run")
+    assert str(ckpt) in str(err.value)

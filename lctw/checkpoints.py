@@ -1,0 +1,103 @@
+"""Checkpoints that can be trusted: a SHA-256 beside each one, loading without executing code, and a
+clear refusal, naming the file, of a checkpoint that is truncated, edited or from another configuration.
+
+* :class:`VerifiedCheckpointIO` (the Trainer's checkpoint I/O) writes ``<file>.sha256`` after each
+  checkpoint and checks it before loading one; loading is ``torch.load(weights_only=True)`` (tensors
+  and plain containers only: no pickled code runs). Hashing reads the file once (about 1 s per GB).
+* :func:`check_resume` runs before any model loads: the file exists, matches its hash, is a readable
+  checkpoint, and was written for the same θ (model, context extension, n, N); other differences
+  (learning rate, weighting, ...) are allowed and logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+SAME_THETA = ("model", "context", "n", "N")  # what makes a checkpoint's weights this run's θ
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar(path) -> Path:
+    return Path(f"{path}.sha256")
+
+
+def verify(path) -> None:
+    """Refuse a missing, truncated or edited checkpoint file, naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    sidecar = _sidecar(path)
+    if not sidecar.exists():
+        log.warning("checkpoint %s has no %s: its content cannot be verified", path, sidecar.name)
+    elif sidecar.read_text().strip() != sha256_file(path):
+        raise ValueError(f"checkpoint {path} is corrupted: its SHA-256 differs from the one written with it "
+                         f"({sidecar.name}); the file was truncated or edited. Resume from another checkpoint "
+                         "or start the run again")
+
+
+def read(path, **kwargs) -> dict:
+    """``torch.load(weights_only=True)``; an unreadable file is refused by name."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except Exception as err:  # a garbage or truncated file fails inside the unpickler or the zip reader
+        raise ValueError(f"checkpoint {path} cannot be read as a checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]})") from None
+
+
+class VerifiedCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        _sidecar(path).write_text(sha256_file(Path(path)))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        verify(path)
+        return read(path)
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        _sidecar(path).unlink(missing_ok=True)
+
+
+def check_resume(path, cfg: DictConfig) -> None:
+    """Before any model loads: ``path`` is a sound checkpoint of this run's θ (see the module docstring)."""
+    from lctw.config import ConfigError
+
+    try:
+        verify(path)
+        checkpoint = read(path, mmap=True)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"ckpt_path: {err}") from None
+    saved = (checkpoint.get("hyper_parameters") or {}).get("config")
+    if saved is None:
+        raise ConfigError(f"ckpt_path: checkpoint {path} holds no run config: it was not written by lctw's training")
+    now = OmegaConf.to_container(cfg, resolve=True)
+    diffs = [f"{k}: checkpoint {_short(saved.get(k))}, now {_short(now.get(k))}" for k in SAME_THETA
+             if _theta_part(saved.get(k)) != _theta_part(now.get(k))]
+    if diffs:
+        raise ConfigError(f"ckpt_path: checkpoint {path} is for another θ ({'; '.join(diffs)}); resume it with "
+                          "its own configuration")
+
+
+def _theta_part(value):
+    """A model or context node without the keys that do not change θ (where files are cached)."""
+    return {k: v for k, v in value.items() if k != "cache_dir"} if isinstance(value, dict) else value
+
+
+def _short(value) -> str:
+    text = repr(_theta_part(value))
+    return text if len(text) < 160 else text[:157] + "..."
