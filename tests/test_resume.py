@@ -21,7 +21,8 @@ def train(run_dir, cache_dir, *extra):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
            "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "train.py", *RUN, f"paths.cache={cache_dir}", f"hydra.run.dir={run_dir}", *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # a session of its own: the injected SIGKILL takes down the run's whole process group, not pytest
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
 
 
 def test_sigkill_between_checkpoints_then_the_same_command_resumes_exactly(cache_dir, tmp_path):

@@ -56,8 +56,8 @@ class ScaledTheta(ContextExtension):
 
 
 class Crash(Callback):
-    """Fault injection: at optimizer step ``step``, SIGKILL this process (``how=kill``, as a preempted
-    node or OOM killer would) or raise (``how=raise``, in-process tests)."""
+    """Fault injection: at optimizer step ``step``, SIGKILL this process's whole group (``how=kill``: a
+    preempted node, where W&B's service process dies with the run) or raise (``how=raise``, in-process)."""
 
     def __init__(self, step: int, how: str = "kill"):
         self.step, self.how = step, how
@@ -65,5 +65,5 @@ class Crash(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             if self.how == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.killpg(os.getpgid(0), signal.SIGKILL)
             raise RuntimeError(f"injected crash at step {self.step}")
