@@ -19,6 +19,9 @@ copied before (``lctw.module``) and keeps its original RoPE.
 from __future__ import annotations
 
 METHODS = ("none", "theta", "linear", "dynamic", "yarn", "llama3")
+# the numeric rope parameters of transformers' methods (yarn's ``truncate`` is a bool)
+NUMBERS = ("factor", "rope_theta", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+           "mscale", "mscale_all_dim", "low_freq_factor", "high_freq_factor")
 
 
 class ContextExtension:
@@ -33,12 +36,31 @@ class ContextExtension:
             raise ValueError(f"method={method!r} is not allowed: choose one of {list(METHODS)}")
         if n > max_len or (n == max_len and method != "none"):
             raise ValueError(f"n={n} must be smaller than max_len={max_len} (context extension goes from n to N)")
+        # The method parameters come through **params, so the config layer cannot check their types
+        # against annotations; transformers would compare a string with a number and fail with a TypeError.
+        for key in NUMBERS:
+            value = params.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{key}={value!r} has the wrong type: expected a number")
         factor = params.get("factor")
         if factor is not None and factor < 1:
             raise ValueError(f"factor={factor} is out of range: allowed >= 1 (typically N/n)")
         theta = params.get("rope_theta")
         if theta is not None and theta <= 0:
             raise ValueError(f"rope_theta={theta} is out of range: allowed > 0")
+        # transformers only warns about these, then fails with a math domain error (a negative beta) or
+        # divides by zero (equal frequency factors) when the rotary embeddings are rebuilt; a beta of 0 it
+        # silently replaces by its default.
+        for key in ("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
+            value = params.get(key)
+            if value is not None and value <= 0:
+                raise ValueError(f"{key}={value} is out of range: allowed > 0")
+        fast, slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1  # transformers' defaults
+        if fast <= slow:
+            raise ValueError(f"beta_fast={fast} must be greater than beta_slow={slow} (null: 32 and 1)")
+        low, high = params.get("low_freq_factor"), params.get("high_freq_factor")
+        if low is not None and high is not None and high <= low:
+            raise ValueError(f"high_freq_factor={high} must be greater than low_freq_factor={low}")
         self.method, self.max_len, self.n = method, int(max_len), int(n)
         self.params = {k: v for k, v in params.items() if v is not None}
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import datasets
 import lightning as L
+import pyarrow
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -93,12 +94,18 @@ class LongDocuments(L.LightningDataModule):
             raise ValueError(f"source={source!r} is not allowed: choose one of {list(SOURCES)}")
         if source == "files" and not path:
             raise ValueError("source=files needs path (a file, directory or glob of .txt/.jsonl/.parquet)")
+        if source == "files" and not any(c in path for c in "*?[") and not os.path.exists(os.path.expanduser(path)):
+            raise ValueError(f"path={path!r} does not exist (a file, directory or glob of .txt/.jsonl/.parquet)")
         if source == "hf" and not name:
             raise ValueError("source=hf needs name (a datasets name or path, e.g. pg19)")
         if val_split is None and not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction={val_fraction} is out of range: allowed (0, 1)")
         if max_len < 2:
             raise ValueError(f"max_len={max_len} is out of range: allowed >= 2")
+        # the DataLoader would refuse these only when its split is first read, after a whole validation pass
+        for key, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{key}={value} is out of range: allowed >= 1")
         self.max_len, self.source, self.path, self.name = int(max_len), source, path, name
         self.config_name, self.split, self.val_split, self.text_field = config_name, split, val_split, text_field
         self.val_fraction, self.max_docs, self.drop_remainder = val_fraction, max_docs, drop_remainder
@@ -149,7 +156,18 @@ class LongDocuments(L.LightningDataModule):
             raise ValueError(f"data.path={self.path!r}: {found}; give files of one kind")
         (kind, paths), = by_kind.items()
         kwargs = {"sample_by": "document"} if kind == "text" else {}
-        ds = datasets.load_dataset(kind, data_files=paths, split="train", cache_dir=hf_cache, **kwargs)
+        try:
+            ds = datasets.load_dataset(kind, data_files=paths, split="train", cache_dir=hf_cache, **kwargs)
+            if kind == "json":  # pyarrow's JSON reader keeps invalid UTF-8, which would fail deep in tokenization
+                ds.data.validate(full=True)
+        except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowInvalid) as err:
+            bad = _not_utf8(paths) if kind != "parquet" else None
+            if bad is None:
+                raise
+            file, decode = bad
+            raise ValueError(f"data.path={self.path!r}: {file} is not UTF-8 text (byte "
+                             f"{decode.object[decode.start]:#x}: {decode.reason}); convert it (e.g. "
+                             "iconv -f latin1 -t utf-8) or remove it") from err
         return self._text_only(ds)
 
     def _text_only(self, ds: datasets.Dataset) -> datasets.Dataset:
@@ -292,6 +310,18 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def _not_utf8(paths: list[str]) -> tuple[str, UnicodeDecodeError] | None:
+    """The first file that is not UTF-8 and its decoding error; read only after loading failed, to name it."""
+    for file in paths:
+        try:
+            with open(file, encoding="utf-8") as fh:
+                while fh.read(1 << 20):
+                    pass
+        except UnicodeDecodeError as err:
+            return file, err
+    return None
 
 
 def collate(rows: list[dict]) -> dict:

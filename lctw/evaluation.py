@@ -18,9 +18,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from lctw import loggers
-from lctw.config import ConfigError, build
+from lctw.config import build, validate_evaluation
 from lctw.jobs import write_metrics
-from lctw.models import DTYPES
 from lctw.theta import load_theta, resolve_device
 
 log = logging.getLogger(__name__)
@@ -28,9 +27,7 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, float]:
     """Evaluate ``cfg.ckpt`` with ``cfg.eval``; results go under ``out_dir`` (the Hydra run directory)."""
-    evaluation = build(cfg.eval, "eval")  # options are checked before any model loads
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype={cfg.dtype!r} is not allowed: choose one of {list(DTYPES)}")
+    evaluation = validate_evaluation(cfg)  # ckpt, dtype, device and the evaluation's options, before any load
     model, tokenizer, run_cfg = load_theta(cfg.ckpt, cfg.dtype, cfg.get("gguf_file"))
     model = model.to(resolve_device(cfg.device))
     n, big_n, data_cfg = cfg.n, cfg.N, cfg.data

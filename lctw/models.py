@@ -17,7 +17,9 @@ A spec gives ``tokenizer()``, ``prepare()`` (weights available locally, not load
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +29,14 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def is_local_path(value: str) -> bool:
+    """Whether a model (or run) reference is meant as a local path rather than a hub name: absolute, ``./``,
+    ``../``, ``~``, or more than one ``/`` (a hub name is ``name`` or ``org/name``), or a ``.ckpt`` file.
+    A local path that does not exist is then an error of its own, not a malformed hub name."""
+    return (os.path.isabs(value) or value.startswith(("./", "../", "~")) or value in (".", "..")
+            or value.count("/") > 1 or value.endswith(".ckpt"))
 
 
 class HFModel:
@@ -52,6 +62,9 @@ class HFModel:
             raise ValueError(
                 f"attn_implementation={attn_implementation!r} is not allowed: choose one of {list(ATTENTION)}"
             )
+        for key, value in (("name_or_path", name_or_path), ("tokenizer_path", tokenizer_path)):
+            if value and is_local_path(value) and not Path(value).expanduser().exists():
+                raise ValueError(f"{key}={value!r} does not exist (a local path; a hub name is org/name)")
         self._name_or_path, self.revision, self.dtype = name_or_path, revision, dtype
         self.attn_implementation, self.gradient_checkpointing = attn_implementation, gradient_checkpointing
         self.trust_remote_code, self.gguf_file, self.tokenizer_path = trust_remote_code, gguf_file, tokenizer_path
@@ -97,6 +110,14 @@ class HFModel:
 
     def describe(self) -> str:
         return f"{self.name_or_path}@{self.revision or 'main'}"
+
+    def pretrained_length(self) -> int | None:
+        """The context the model was trained at, from a local ``config.json`` without loading weights;
+        None when unknown (a hub model's config would need the hub)."""
+        config = Path(self.name_or_path).expanduser() / "config.json"
+        if not config.is_file():
+            return None
+        return json.loads(config.read_text()).get("max_position_embeddings")
 
 
 class TinyLlama(HFModel):
@@ -190,6 +211,9 @@ class TinyLlama(HFModel):
 
     def describe(self) -> str:
         return f"tiny:{self.key}" if self.pretrained else "tiny:initial"
+
+    def pretrained_length(self) -> int:
+        return self.n  # the base stage pretrains θ0 at n
 
 
 def _build_lock(path: Path):

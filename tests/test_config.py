@@ -11,12 +11,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import open_dict
 
 from lctw import loggers, models
+from lctw.config import TRAIN_KEYS, check_keys, check_trainer
 from lctw.config import validate as build_parts
 
 # Files starting with "_" hold keys shared by a group's options through `defaults:`; they are not options.
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml") if not f.stem.startswith("_"))
           for p in Path(CONF).iterdir() if p.is_dir()}
-REQUIRED = {("model", "hf"): ["model.name_or_path=some/model"], ("data", "files"): ["data.path=docs/"],
+DATA = Path(CONF).parent / "tests" / "data"  # data=files refuses a path that does not exist
+REQUIRED = {("model", "hf"): ["model.name_or_path=some/model"], ("data", "files"): [f"data.path={DATA}"],
             ("eval", "harness"): ["eval.data_dir=tests/data/harness"]}
 CHEAP = ("weighting", "context", "scorer", "model")
 
@@ -52,6 +54,8 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     if group == "scorer" and option == "none" or group == "weighting" and option != "uniform":
         overrides += ["scorer=frozen"] if group == "weighting" else ["weighting=uniform"]
     cfg = compose(overrides, cache=str(tmp_path))
+    check_keys(cfg, TRAIN_KEYS)  # every value has its target's annotated type: no false alarm of the type checks
+    check_trainer(cfg.trainer, machine=cfg.trainer.accelerator == "cpu")
     built = {key: instantiate(cfg[key]) for key in CHEAP}
     if group in ("weighting", "scorer"):
         assert built[group].name == option

@@ -25,6 +25,8 @@ class PositionPerplexity:
             raise ValueError(f"bucket={bucket} is out of range: allowed >= 1 or null (= n)")
         if max_sequences < 1:
             raise ValueError(f"max_sequences={max_sequences} is out of range: allowed >= 1")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} is out of range: allowed >= 1")
         self.bucket, self.max_sequences = bucket, max_sequences
         self.batch_size, self.chunk_size = batch_size, chunk_size
 

@@ -21,6 +21,14 @@ from pathlib import Path
 
 from lctw.eval.report import log_results, save_plot
 
+# The shortest RULER length (prompt and answer, in tokens). The needle tasks reserve 128 tokens for the
+# answer and their instructions take about as many again: with the tiny model's tokenizer the first task
+# (niah_single_2) fits from about 250 tokens, the other needle tasks from 275-450, fwe from 300, cwe from
+# about 840 and vt from about 900. Below this minimum (nearly) every task would be recorded as an error
+# and the evaluation would return empty metrics; a task that does not fit at an allowed length is
+# reported in the results' errors.
+MIN_LENGTH = 256
+
 
 class Ruler:
     """RULER on the model's own tokenizer: tasks × lengths, greedy decoding, the reference metrics."""
@@ -32,8 +40,13 @@ class Ruler:
         unknown = sorted(set(tasks or []) - set(TASKS))
         if unknown:
             raise ValueError(f"tasks: unknown {unknown}; allowed {sorted(TASKS)} (or null = all 13)")
-        if samples < 1 or not lengths or min(lengths) < 1:
-            raise ValueError(f"samples={samples} and lengths={list(lengths)} must be positive")
+        if samples < 1:
+            raise ValueError(f"samples={samples} is out of range: allowed >= 1")
+        if not lengths or min(lengths) < MIN_LENGTH:
+            raise ValueError(f"lengths={list(lengths)} is out of range: allowed lengths >= {MIN_LENGTH} tokens "
+                             "(a shorter prompt cannot hold a RULER task)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} is out of range: allowed >= 1")
         self.tasks, self.lengths, self.samples = list(tasks) if tasks else None, [int(x) for x in lengths], samples
         self.batch_size, self.seed, self.chat_template, self.data_dir = batch_size, seed, chat_template, data_dir
 
