@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # Keys that do not change θ0's numbers: where files go, how progress is shown and logged, fault policy.
-_NOT_IN_KEY = ("paths", "logger", "callbacks", "name", "validate_first", "ckpt_path", "eval", "nonfinite")
+_NOT_IN_KEY = ("paths", "logger", "callbacks", "name", "validate_first", "ckpt_path", "eval", "nonfinite",
+               "checkpoint_every")
 
 
 @contextmanager

@@ -66,7 +66,7 @@ _register_resolvers()
 # The top-level keys of conf/config.yaml (train.py, score.py) and conf/evaluate.yaml (eval.py); the
 # groups are checked against their targets' constructors instead.
 TRAIN_KEYS = {"n": int, "N": int, "seed": int, "name": str | None, "chunk_size": int | None,
-              "validate_first": bool, "ckpt_path": str | None}
+              "validate_first": bool, "ckpt_path": str | None, "checkpoint_every": int}
 EVAL_KEYS = {"ckpt": str, "gguf_file": str | None, "dtype": Literal[tuple(DTYPES)], "device": str, "n": int,
              "N": int, "seed": int, "name": str | None, "chunk_size": int | None}
 
@@ -278,6 +278,8 @@ def check_keys(cfg: DictConfig, keys: dict[str, Any]) -> None:
         check_value(key, cfg[key], annotation)
     if cfg.get("chunk_size") is not None and cfg.chunk_size < 1:
         raise ConfigError(f"chunk_size={cfg.chunk_size} is out of range: allowed >= 1, or null (the full logits)")
+    if cfg.get("checkpoint_every") is not None and cfg.checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every={cfg.checkpoint_every} is out of range: allowed >= 1 (optimizer steps)")
 
     def walk(node, key):
         if _is_target(node):
@@ -473,6 +475,13 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
                           "be cached)")
     check_keys(cfg, TRAIN_KEYS)
     check_lengths(cfg)
+    if cfg.get("nonfinite") is not None:
+        from lctw.module import check_nonfinite
+
+        try:
+            check_nonfinite(cfg.nonfinite.policy, cfg.nonfinite.max_skipped)
+        except ValueError as err:
+            raise ConfigError(named("nonfinite", str(err))) from None
     if cfg.get("trainer") is not None:
         check_trainer(cfg.trainer, machine=not for_cache)
     if cfg.get("scheduler") is not None:
@@ -500,13 +509,6 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
                 f"({len(small_vocab)} tokens) from model ({model_spec.describe()}, {len(tokenizer)} tokens); "
                 "the small scorer must use the same tokenizer"
             )
-    if cfg.get("nonfinite") is not None:
-        from lctw.module import check_nonfinite
-
-        try:
-            check_nonfinite(cfg.nonfinite.policy, cfg.nonfinite.max_skipped)
-        except ValueError as err:
-            raise ConfigError(named("nonfinite", str(err))) from None
     return Parts(model_spec, scorer, weighting, context, tokenizer)
 
 

@@ -47,8 +47,8 @@ def _restore_torch_state():
 # Overrides that shrink the default experiment to seconds while keeping every part real.
 SMALL = [
     "n=32", "N=128", "+model.base.trainer.max_steps=6", "+model.base.data.batch_size=4", "trainer.max_steps=3",
-    "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "data.batch_size=2", "data.val_batch_size=2",
-    "logger.mode=offline",
+    "trainer.val_check_interval=3", "checkpoint_every=3", "trainer.limit_val_batches=2", "data.batch_size=2",
+    "data.val_batch_size=2", "logger.mode=offline",
 ]
 
 

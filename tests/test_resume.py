@@ -13,7 +13,7 @@ from conftest import ROOT, SMALL
 from safetensors.torch import load_file
 
 # sparse weighting: its tie-breaking generator must be restored too; checkpoints every 4 steps
-RUN = [*SMALL, "weighting=sparse", "trainer.max_steps=8", "trainer.val_check_interval=4"]
+RUN = [*SMALL, "weighting=sparse", "trainer.max_steps=8", "trainer.val_check_interval=4", "checkpoint_every=4"]
 TIMING = ("train/tokens_per_s",)  # wall-clock rates differ between any two runs
 
 

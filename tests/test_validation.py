@@ -41,6 +41,11 @@ def evaluate(*overrides):
 
 # ((config, overrides), regex of the message); {name} is a path of the `files` fixture
 CASES = [
+    # the fault policy and the resume point
+    (train("nonfinite.policy=ignore"), r"^nonfinite\.policy='ignore' is not allowed: choose one of \['skip', 'stop'\]"),
+    (train("nonfinite.max_skipped=-1"), r"^nonfinite\.max_skipped=-1 is out of range: allowed an int >= 0"),
+    (train("checkpoint_every=0"), r"^checkpoint_every=0 is out of range: allowed >= 1"),
+    (train("checkpoint_every=often"), r"^checkpoint_every='often' has the wrong type: expected int$"),
     # types: never coerced
     (train("weighting.lam=abc"), r"^weighting\.lam='abc' has the wrong type: expected float$"),
     (train("weighting.lam=true"), r"^weighting\.lam=True has the wrong type: expected float$"),
