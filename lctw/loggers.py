@@ -4,13 +4,37 @@ W&B runs online when an API key is configured (``WANDB_API_KEY`` or a ``~/.netrc
 api.wandb.ai) and offline otherwise, with files under the run directory, so a run never waits on the
 network. The mode is passed to every ``wandb.init`` explicitly: ``WandbLogger(offline=True)`` would
 switch the whole process, which leaks into the next job of a multirun.
+
+Logging never blocks or stops training:
+
+* **Start.** The online ``wandb.init`` gets ``logger.init_timeout`` seconds (default 5). If it fails
+  (no network, a wrong key, an unreachable host, a timeout), the run logs offline into the same
+  directory, with a warning that says how to upload it later (``wandb sync``). Measured with an
+  unreachable host, refused or silent (``tests/test_loggers.py``, 2 busy CPU cores): logging offline
+  8-9 s after the call, where it used to fail with a CommError after about 115 s. Not covered: with a
+  host that accepts connections and never answers, W&B's own analytics thread (OpenTelemetry, probing
+  that host with 10 s timeouts) still holds the process for about 20 s at exit, after training.
+* **During the run.** Upload errors are W&B's own business: it keeps logging to disk and retries in
+  the background (``stop_on_fatal_error=False``). A W&B call that raises in this process (e.g. W&B's
+  service process died) is reported once as a warning and skipped; training goes on
+  (:class:`WandbLogger`).
+* **End.** :func:`finish` waits at most ``logger.finish_timeout`` seconds for uploads (what is left
+  stays on disk for ``wandb sync``), and a failing ``wandb.finish`` is a warning, after which W&B's
+  service connection is dropped so that the next job of a multirun starts a fresh one.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import netrc
 import os
+import time
 from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+
+log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline", "disabled")
 
@@ -32,17 +56,66 @@ def wandb_mode(mode: str = "auto") -> str:
     return "offline"
 
 
-def wandb(save_dir: str, name: str, group: str | None, hparams: dict, project: str = "lctw",
-          entity: str | None = None, mode: str = "auto", tags: list[str] | None = None, init_timeout: int = 90):
-    import wandb as wandb_lib
-    from lightning.pytorch.loggers import WandbLogger
+def _never_raises(method):
+    """A W&B logger method whose failure is a warning (the first one per logger) instead of an exception."""
 
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:  # whatever W&B raises, training must go on
+            if not self.failures:
+                log.warning("W&B failed in %s (%s: %s); training goes on, W&B may miss what is logged from now on. "
+                            "The run's files are in %s", method.__name__, type(err).__name__, err, self.save_dir)
+            self.failures += 1
+            return None
+
+    return call
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's W&B logger whose logging calls never raise: a W&B failure must not end a training run.
+
+    ``failures`` counts the calls that failed (the first is logged as a warning).
+    """
+
+    failures = 0
+    log_hyperparams = _never_raises(_LightningWandbLogger.log_hyperparams)
+    log_metrics = _never_raises(_LightningWandbLogger.log_metrics)
+    log_table = _never_raises(_LightningWandbLogger.log_table)
+    log_text = _never_raises(_LightningWandbLogger.log_text)
+    log_image = _never_raises(_LightningWandbLogger.log_image)
+    finalize = _never_raises(_LightningWandbLogger.finalize)
+
+
+def wandb(save_dir: str, name: str, group: str | None, hparams: dict, project: str = "lctw",
+          entity: str | None = None, mode: str = "auto", tags: list[str] | None = None, init_timeout: float = 5.0,
+          finish_timeout: float = 60.0):
+    """A W&B logger writing under ``save_dir``; online falls back to offline when ``wandb.init`` fails.
+
+    ``init_timeout``: seconds the online ``wandb.init`` may take. ``finish_timeout``: seconds
+    ``wandb.finish`` waits for uploads at the end (0 = until done).
+    """
+    if isinstance(init_timeout, bool) or not isinstance(init_timeout, (int, float)) or init_timeout <= 0:
+        raise ValueError(f"logger.init_timeout={init_timeout!r} is out of range: allowed seconds > 0")
+    if isinstance(finish_timeout, bool) or not isinstance(finish_timeout, (int, float)) or finish_timeout < 0:
+        raise ValueError(f"logger.finish_timeout={finish_timeout!r} is out of range: allowed seconds >= 0 "
+                         "(0 = wait until the upload is done)")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(
-        project=project, entity=entity, name=name, group=group, save_dir=save_dir, tags=list(tags or []),
-        mode=wandb_mode(mode), settings=wandb_lib.Settings(init_timeout=init_timeout, console="off"),
-        reinit="finish_previous", id=run_id(save_dir), resume="allow",
-    )
+    chosen = wandb_mode(mode)
+    options = dict(project=project, entity=entity, name=name, group=group, save_dir=save_dir, tags=list(tags or []),
+                   init_timeout=init_timeout, finish_timeout=finish_timeout, id=run_id(save_dir), resume="allow")
+    logger = _wandb_logger(chosen, **options)
+    if chosen == "online":
+        start = time.monotonic()
+        try:
+            _ = logger.experiment  # wandb.init now, so that a failure falls back here, not at the first step
+        except Exception as err:  # no network, wrong key, unreachable host, timeout: W&B raises several types
+            finish()  # a failure after wandb.init returned (define_metric) leaves a run Lightning would reuse
+            logger = _wandb_logger("offline", **options)
+            log.warning("W&B online start failed after %.1f s (%s: %s); logging offline to %s/wandb instead. "
+                        "Upload it later with: wandb sync %s/wandb/offline-run-*", time.monotonic() - start,
+                        type(err).__name__, err, save_dir, save_dir)
     logger.log_hyperparams(hparams)
     return logger
 
@@ -57,6 +130,17 @@ def run_id(save_dir: str) -> str:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(secrets.token_hex(4))
     return f.read_text().strip()
+
+
+def _wandb_logger(mode: str, init_timeout: float, finish_timeout: float, **options) -> WandbLogger:
+    import wandb as wandb_lib
+
+    # quiet: no "logged in as" line, whose account lookup costs two 5 s timeouts without a network
+    # before the online start is even tried. stop_on_fatal_error=False (W&B's default, kept on purpose):
+    # an upload error stops the uploads, never the logging to disk, nor the run.
+    settings = wandb_lib.Settings(init_timeout=init_timeout, finish_timeout=finish_timeout, console="off",
+                                  quiet=True, stop_on_fatal_error=False)
+    return WandbLogger(mode=mode, settings=settings, reinit="finish_previous", **options)
 
 
 def csv(save_dir: str, name: str, group: str | None, hparams: dict):
@@ -107,9 +191,27 @@ def build(cfg, save_dir, group: bool = True):
 
 
 def finish() -> None:
-    """End the W&B run of this job (also after a failure) so the next multirun job starts clean."""
+    """End the W&B run of this job (also after a failure) so the next multirun job starts clean.
+
+    Never raises: a failing ``wandb.finish`` (e.g. W&B's service process died) is a warning, after
+    which this job's run and W&B's connection to its service are dropped, so that the next job starts
+    a new run on a new service.
+    """
     import sys
 
     wandb_lib = sys.modules.get("wandb")
-    if wandb_lib is not None and wandb_lib.run is not None:
+    if wandb_lib is None or wandb_lib.run is None:
+        return
+    try:
         wandb_lib.finish()
+    except Exception as err:  # whatever W&B raises here, the run's own results are already saved
+        from wandb.sdk.lib import module as wandb_module
+
+        log.warning("W&B finish failed (%s: %s); the run's W&B files may be incomplete", type(err).__name__, err)
+        # W&B's finish fails before its own cleanup (it sends telemetry first), leaving wandb.run set:
+        # Lightning's next WandbLogger would reuse that dead run. Unset it as Run.finish's `finally` does.
+        wandb_module.unset_globals()
+        try:
+            wandb_lib.teardown()  # forgets the dead service first, then fails closing it
+        except Exception as teardown_err:
+            log.debug("wandb.teardown after a failed finish: %s", teardown_err)

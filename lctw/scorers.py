@@ -127,14 +127,17 @@ class FrozenScorer(FixedScorer):
     """θ0: the model before context extension (original RoPE), loaded from the trained model's own spec.
 
     ``cache`` (``scorer.cache``): false computes the scores on the fly; true or a directory reads them
-    from the cache ``score.py`` wrote instead (:class:`CachedScorer`, θ0 is then not loaded).
+    from the cache ``score.py`` wrote instead (:class:`CachedScorer`, θ0 is then not loaded); anything
+    else is refused (:func:`lctw.cache.cache_option`).
     """
 
     name = "frozen"
 
     def __init__(self, *args, cache: bool | str | None = False, **kwargs):
+        from lctw.cache import cache_option
+
         super().__init__(*args, **kwargs)
-        self.cache = cache
+        self.cache = cache_option(cache)
 
     def source(self, theta_spec):
         return theta_spec
@@ -150,8 +153,10 @@ class SmallScorer(FixedScorer):
     name = "small"
 
     def __init__(self, model, *args, cache: bool | str | None = False, **kwargs):
+        from lctw.cache import cache_option
+
         super().__init__(*args, **kwargs)
-        self.spec, self.cache = model, cache
+        self.spec, self.cache = model, cache_option(cache)
 
     def source(self, theta_spec):
         return self.spec

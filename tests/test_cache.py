@@ -6,10 +6,15 @@ resumed; an uninterrupted run into another directory must give bit-identical row
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from conftest import CONF, ROOT, SMALL, compose
@@ -19,8 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 
 from lctw import cache as score_cache
 from lctw.cache.fill import fill_cache as run_score
-from lctw.cache.store import ScoreCache, row_checksum
-from lctw.config import build, validate
+from lctw.cache.store import MANIFEST, SHORT, CacheDamaged, ScoreCache, file_sha256, row_checksum
+from lctw.config import ConfigError, build, validate
 from lctw.experiment import run
 from lctw.module import TokenWeightingLM
 from lctw.scorers import FrozenScorer, SmallScorer
@@ -198,3 +203,137 @@ def test_score_py_caches_the_small_scorer(cache_dir, tmp_path, monkeypatch):
     small = parts.scorer.spec.load().eval()
     expected = short_context_logprobs(small, batch["input_ids"], cfg.n, "chunked", parts.scorer.short.stride)
     torch.testing.assert_close(short, expected, atol=1e-5, rtol=1e-5)
+
+
+# --- integrity: a damaged cache is refused, naming the file, before θ loads -------------------------------------
+
+
+def copy_of(scored, tmp_path):
+    """A copy of the module's cache to damage; the original stays intact for the other tests."""
+    return shutil.copytree(scored, tmp_path / "copy")
+
+
+def train_with(cache, cache_dir):
+    return run(compose([*TRAIN, f"scorer.cache={cache}"], cache=cache_dir), run_dir=os.devnull)
+
+
+def rewrite_shard(path, change):
+    """Rewrite a shard's log-probs in place, as a valid Arrow file (only the numbers differ)."""
+    table = pa.ipc.open_stream(path.read_bytes()).read_all()
+    column = table.column(SHORT).combine_chunks()
+    values = column.flatten().to_numpy().reshape(len(column), -1).copy()
+    change(values)
+    short = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    table = table.set_column(table.schema.get_field_index(SHORT), SHORT, short)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def test_nan_in_a_shard_is_refused_naming_the_shard(scored, cache_dir, tmp_path, monkeypatch):
+    cache = ScoreCache(copy_of(scored, tmp_path))
+    _, _, shard = cache.shards()[1]
+    rng = np.random.default_rng(0)
+
+    def one_percent_nan(values):
+        values.reshape(-1)[rng.choice(values.size, values.size // 100, replace=False)] = np.nan
+
+    rewrite_shard(shard, one_percent_nan)
+    monkeypatch.setattr(FrozenScorer, "setup", lambda self, spec: pytest.fail("θ0 was loaded for a damaged cache"))
+    with pytest.raises(CacheDamaged) as err:
+        train_with(cache.path, cache_dir)
+    message = str(err.value)
+    assert f"shard {shard} differs from the SHA-256 recorded when it was written" in message
+    assert f"Delete {cache.path} and rebuild it with: python score.py" in message
+    # the same NaNs with a matching SHA-256 (a shard written by something that did not check its numbers)
+    recorded = json.loads((cache.path / MANIFEST).read_text())
+    recorded[shard.name].update(bytes=shard.stat().st_size, sha256=file_sha256(shard))
+    (cache.path / MANIFEST).write_text(json.dumps(recorded))
+    with pytest.raises(CacheDamaged, match=rf"shard {shard} holds non-finite log-probs \(NaN/Inf\), first in row \d+"):
+        train_with(cache.path, cache_dir)
+
+
+def test_a_truncated_shard_is_refused_naming_it(scored, cache_dir, tmp_path):
+    cache = ScoreCache(copy_of(scored, tmp_path))
+    _, _, shard = cache.shards()[-1]
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(CacheDamaged, match=rf"shard {shard} has {size // 2} bytes, {size} were written \(truncated"):
+        train_with(cache.path, cache_dir)
+
+
+def test_a_shard_from_another_cache_is_refused(scored, cache_dir, tmp_path):
+    other = run_score(compose_score(["scorer.stride=16", "score.batch_size=4", "score.shard_rows=8", "score.limit=8",
+                                     f"scorer.cache={tmp_path}/other"], cache_dir))
+    cache = ScoreCache(copy_of(scored, tmp_path))
+    (_, _, foreign), (_, _, own) = ScoreCache(other).shards()[0], cache.shards()[0]
+    assert foreign.name == own.name
+    shutil.copyfile(foreign, own)
+    with pytest.raises(CacheDamaged, match=rf"shard {own} differs from the SHA-256 recorded when it was written "
+                                           r"\(edited, or copied from another cache\)"):
+        train_with(cache.path, cache_dir)
+
+
+def test_score_py_finishes_a_cache_whose_complete_json_was_lost(scored, cache_dir, tmp_path, monkeypatch):
+    cache = ScoreCache(copy_of(scored, tmp_path))
+    (cache.path / "complete.json").unlink()
+    with pytest.raises(ValueError, match=r"is incomplete \((\d+) of \1 rows scored\)\. Finish it with: python score"):
+        train_with(cache.path, cache_dir)
+    monkeypatch.setattr(FrozenScorer, "use", lambda self, model: pytest.fail("θ0 was loaded, all rows were there"))
+    # a damaged shard is found first: score.py never declares a damaged cache complete
+    _, _, shard = cache.shards()[0]
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:-100])
+    with pytest.raises(CacheDamaged, match=rf"shard {shard} has \d+ bytes, \d+ were written \(truncated or "
+                                           rf"replaced\)\. Delete {cache.path} and score again: python score\.py"):
+        run_score(compose_score([f"scorer.cache={cache.path}"], cache_dir))
+    assert not cache.complete
+    shard.write_bytes(intact)
+    assert run_score(compose_score([f"scorer.cache={cache.path}"], cache_dir)) == cache.path and cache.complete
+    cfg = compose([*TRAIN, f"scorer.cache={cache.path}"], cache=cache_dir)
+    parts, data = train_split(cfg)
+    assert score_cache.attach(cfg, parts, data).path == cache.path  # verified and attached
+
+
+@pytest.mark.parametrize("option, message", [
+    ("score.batch_size=0", "score.batch_size=0 is out of range: allowed >= 1"),
+    ("score.batch_size=2.5", "score.batch_size=2.5 must be an integer >= 1"),
+    ("score.shard_rows=0", "score.shard_rows=0 is out of range: allowed >= 1"),
+    ("score.limit=0", "score.limit=0 is out of range: allowed >= 1 or null"),
+    ("score.device=gpu", "score.device='gpu' is not allowed: allowed auto, cpu, cuda or cuda:<i>"),
+    ("score.device=cuda:7", "score.device='cuda:7' is not available"),
+])
+def test_bad_score_options_are_refused_before_the_cache_directory_is_created(cache_dir, tmp_path, option, message):
+    out = tmp_path / "cache"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_score(compose_score([option, f"scorer.cache={out}"], cache_dir))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["yes", "no", "on", "off", "1", "0", "'true'"])
+def test_scorer_cache_is_false_true_or_a_directory(cache_dir, tmp_path, value, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a refused value must not create a directory named after it, here or anywhere
+    with pytest.raises(ConfigError, match=r"scorer\.cache='?\w+'? is not allowed: allowed false, true or a directory "
+                                          r"path such as \./scores"):
+        validate(compose([*TRAIN, f"scorer.cache={value}"], cache=cache_dir))
+    with pytest.raises(ConfigError, match=r"scorer\.cache='?\w+'? is not allowed"):
+        run_score(compose_score([f"scorer.cache={value}"], cache_dir))
+    assert not any(tmp_path.iterdir())
+
+
+def test_scorer_cache_directories_that_could_exist_are_accepted(cache_dir, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for path in (tmp_path / "new" / "scores", "./relative/scores", "'~/scores'"):  # Hydra needs ~ quoted
+        assert validate(compose([*TRAIN, f"scorer.cache={path}"], cache=cache_dir)).scorer.cache.name == "scores"
+    with pytest.raises(ConfigError, match=rf"scorer\.cache='.*' cannot be a directory: {tmp_path}/a-file is a file"):
+        validate(compose([*TRAIN, f"scorer.cache={tmp_path}/a-file/scores"], cache=cache_dir))
+
+
+def test_non_finite_scores_are_never_written(tmp_path):
+    cache = ScoreCache(tmp_path / "cache")
+    cache.path.mkdir()
+    scores = np.zeros((4, 7), dtype=np.float32)
+    scores[2, 3] = np.inf
+    with pytest.raises(ValueError, match="rows 0 … 3 hold non-finite log-probs \\(NaN/Inf\\), first in row 2"):
+        cache.write_shard(0, scores, np.arange(4))
+    assert not any(cache.path.iterdir())

@@ -10,7 +10,8 @@ mode) in every step of every run of a sweep; the paper precomputes them once. Wi
 
 training reads the log-probs with the batch and θ0 is never loaded. ``scorer.cache`` is ``false``
 (compute on the fly), ``true`` (the cache ``score.py`` writes for the same configuration) or a
-directory (a cache written there with ``python score.py scorer.cache=<dir>``, e.g. on shared storage).
+directory (a cache written there with ``python score.py scorer.cache=<dir>``, e.g. on shared storage);
+anything else, such as ``yes`` or ``1``, is refused before any model loads (:func:`cache_option`).
 
 **What a cache is for** (:mod:`lctw.cache.fingerprint`): everything that changes the numbers. The
 default directory is named by a hash of it, so any change finds no cache, and the refusal names the
@@ -24,19 +25,25 @@ columns of the train split, so they travel with the row through shuffling, sampl
 and refuses a batch whose tokens are not the ones that were scored. A cache cannot be used silently for
 other data. Only the train split is scored: validation does not use the scorer.
 
+**Integrity.** Every shard's SHA-256 is recorded when it is written; opening a cache for training
+(:func:`open_cache`) and resuming it (``score.py``) check every shard against it and every log-prob for
+NaN/Inf, so a truncated, edited or foreign shard is refused with the file's name and the command that
+rebuilds the cache (about 1 s per GB of cache, :meth:`lctw.cache.store.ScoreCache.verify`).
+
 **Layout and resuming** (:mod:`lctw.cache.store`, :mod:`lctw.cache.fill`): Arrow shards written
 atomically, ``complete.json`` last. A rerun continues after the last shard; Ctrl-C saves the rows
 already scored. Batches start at multiples of ``score.batch_size``, so an interrupted and resumed run
 computes exactly the batches of an uninterrupted one (bit-identical results on deterministic kernels).
 
-This module holds what a run does with a cache: find it for the composed config (:func:`open_cache`),
-say how to build it (:func:`fill_command`) and attach it to the data (:func:`attach`).
+This module holds what a run does with a cache: read the option (:func:`cache_option`), find the cache
+for the composed config (:func:`open_cache`), say how to build it (:func:`fill_command`) and attach it
+to the data (:func:`attach`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import shlex
 from pathlib import Path
 
@@ -46,17 +53,50 @@ import torch
 from omegaconf import DictConfig
 
 from lctw.cache.fingerprint import differences, fingerprint, fingerprint_key
-from lctw.cache.store import CHECKSUM, ScoreCache, row_checksum
+from lctw.cache.store import CHECKSUM, CacheDamaged, ScoreCache, row_checksum
+from lctw.config import ConfigError, named
 from lctw.scorers import CachedScorer, FixedScorer
 
 log = logging.getLogger(__name__)
 
 
+# Words YAML 1.1, shells and other tools read as booleans: as a directory name they are almost surely a typo.
+_BOOLEAN_WORDS = {"true", "false", "yes", "no", "y", "n", "on", "off", "1", "0", "none", "null", ""}
+
+
+def cache_option(cache) -> bool | Path:
+    """The ``cache`` option of a fixed scorer: False (compute live), True (the default cache) or a directory.
+
+    Accepts false/null, true, or a string that looks like a directory path (it contains a ``/`` or
+    starts with ``~`` or ``.``, or is an existing directory) and could be one (no file in the way).
+    Refuses anything else with a ValueError about ``cache``, e.g. ``yes``, ``on`` or ``1``, which would
+    otherwise name a directory "yes" and find no cache there, or (``0``) silently score live.
+    """
+    allowed = "allowed false, true or a directory path such as ./scores or /data/scores"
+    if cache is None or isinstance(cache, bool):
+        return bool(cache)
+    if not isinstance(cache, str):
+        raise ValueError(f"cache={cache!r} is not allowed: {allowed}")
+    if cache.strip().lower() in _BOOLEAN_WORDS:
+        raise ValueError(f"cache={cache!r} is not allowed: {allowed} (write true or false unquoted; "
+                         f"./{cache.strip() or '<name>'} for a directory of that name)")
+    path = Path(cache).expanduser()
+    if not (os.sep in cache or "/" in cache or cache.startswith(("~", ".")) or path.is_dir()):
+        raise ValueError(f"cache={cache!r} is not allowed: {allowed} (./{cache} for a directory of that name)")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"cache={cache!r} cannot be a directory: {existing} is a file; {allowed}")
+    return path
+
+
 def cache_dir(cfg: DictConfig, fp: dict) -> Path:
     """``scorer.cache`` when it is a directory, else ``<paths.cache>/scores/<scorer>-<fingerprint key>``."""
-    option = cfg.scorer.get("cache")
-    if isinstance(option, str) and option.lower() not in ("true", "auto"):
-        return Path(option).expanduser()
+    try:
+        option = cache_option(cfg.scorer.get("cache"))
+    except ValueError as err:
+        raise ConfigError(named("scorer", str(err))) from None
+    if isinstance(option, Path):
+        return option
     return Path(cfg.paths.cache).expanduser() / "scores" / f"{fp['scorer']}-{fingerprint_key(fp)}"
 
 
@@ -83,6 +123,16 @@ def open_cache(cfg: DictConfig, scorer: FixedScorer, model_spec, tokenizer, trai
     fp = fingerprint(scorer, model_spec, tokenizer, train, data_key)
     cache = ScoreCache(cache_dir(cfg, fp))
     command = fill_command(cfg)
+    try:
+        _check(cfg, cache, fp, command)
+    except CacheDamaged as err:
+        message = f"scorer.cache: refused, {err}. Delete {cache.path} and rebuild it with: {command}"
+        raise CacheDamaged(message) from None
+    return cache
+
+
+def _check(cfg: DictConfig, cache: ScoreCache, fp: dict, command: str) -> None:
+    """Refuse a missing, foreign or incomplete cache with what to run; raises CacheDamaged for a damaged one."""
     meta = cache.meta
     if meta is None:
         hint = _nearest(cache.path.parent, fp) if not isinstance(cfg.scorer.get("cache"), str) else ""
@@ -94,14 +144,17 @@ def open_cache(cfg: DictConfig, scorer: FixedScorer, model_spec, tokenizer, trai
     if not cache.complete:
         raise ValueError(f"scorer.cache: the cache at {cache.path} is incomplete ({cache.rows_done()} of "
                          f"{fp['data']['rows']} rows scored). Finish it with: {command}")
-    return cache
+    cache.verify(rows=fp["data"]["rows"])
 
 
 def _nearest(root: Path, fp: dict) -> str:
     """A hint naming the existing cache closest to ``fp`` and what differs, if there is one."""
     candidates = []
     for meta_file in root.glob("*/meta.json"):
-        other = json.loads(meta_file.read_text())["fingerprint"]
+        try:
+            other = ScoreCache(meta_file.parent).meta["fingerprint"]
+        except ValueError:  # a damaged neighbour is no candidate; this hint must not fail the refusal it explains
+            continue
         candidates.append((len(differences(other, fp)), meta_file.parent, differences(other, fp)))
     if not candidates:
         return ""

@@ -3,7 +3,9 @@
     python score.py scorer=frozen                    # θ0's short-context log-probs
     python score.py scorer=small score.batch_size=16 # the small scorer's
 
-Resumable: an interrupted run (or one stopped by ``score.limit``) continues after its last shard.
+Resumable: an interrupted run (or one stopped by ``score.limit``) continues after its last shard, once
+the shards already there have passed :meth:`lctw.cache.store.ScoreCache.verify`; a cache whose rows are
+all there but whose ``complete.json`` was lost is verified and finished without loading θ'.
 """
 
 from __future__ import annotations
@@ -16,21 +18,50 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from lctw.cache import cache_dir
+from lctw.cache import cache_dir, fill_command
 from lctw.cache.fingerprint import fingerprint
-from lctw.cache.store import ScoreCache, row_checksum
+from lctw.cache.store import CacheDamaged, ScoreCache, row_checksum
 from lctw.scorers import FixedScorer
 
 log = logging.getLogger(__name__)
 
 
+def check_options(batch_size=8, shard_rows=256, limit=None, device="auto") -> torch.device:
+    """Refuse bad scoring options (ValueError about the argument); returns the device to score on."""
+    for key, value in (("batch_size", batch_size), ("shard_rows", shard_rows), ("limit", limit)):
+        if key == "limit" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} must be an integer >= 1" + (" or null" if key == "limit" else ""))
+        if value < 1:
+            raise ValueError(f"{key}={value} is out of range: allowed >= 1" + (" or null" if key == "limit" else ""))
+    allowed = "allowed auto, cpu, cuda or cuda:<i>"
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not allowed: {allowed}") from None
+    if resolved.type not in ("cpu", "cuda") or (resolved.type == "cpu" and resolved.index is not None):
+        raise ValueError(f"device={device!r} is not allowed: {allowed}")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r} is not available: this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s); use auto or cpu")
+    return resolved
+
+
 def fill_cache(cfg: DictConfig) -> Path:
     """``score.py``: θ' log-probs of the train split into the cache this configuration asks for."""
-    from lctw.config import build, validate
-    from lctw.theta import resolve_device
+    from lctw.config import ConfigError, build, named, validate
 
-    parts = validate(cfg, for_cache=True)
     opts = cfg.get("score") or {}
+    options = {"batch_size": opts.get("batch_size", 8), "shard_rows": opts.get("shard_rows", 256),
+               "limit": opts.get("limit"), "device": opts.get("device", "auto")}
+    try:  # before anything is built or written: a bad option must not leave a half-made cache directory
+        device = check_options(**options)
+    except ValueError as err:
+        raise ConfigError(named("score", str(err))) from None
+    parts = validate(cfg, for_cache=True)
     datamodule = build(cfg.data, "data", tokenizer=parts.tokenizer)
     datamodule.setup("fit")
     train = datamodule.train_set
@@ -38,15 +69,19 @@ def fill_cache(cfg: DictConfig) -> Path:
     source.prepare()  # the tiny base is built on first use (under its lock); its files are in the fingerprint
     fp = fingerprint(parts.scorer, parts.model_spec, parts.tokenizer, train, datamodule.fingerprints["train"])
     cache = ScoreCache(cache_dir(cfg, fp))
-    cache.create(fp)
-    if cache.complete:
-        log.info("score cache already complete: %s", cache.path)
-        print(cache.path)
-        return cache.path
-    parts.scorer.use(source.load()).to(resolve_device(opts.get("device", "auto")))
-    done = fill_rows(parts.scorer, train, cache, batch_size=int(opts.get("batch_size", 8)),
-                     limit=opts.get("limit"), shard_rows=int(opts.get("shard_rows", 256)),
-                     num_workers=int(cfg.data.get("num_workers", 0)))
+    try:
+        cache.create(fp)
+        if cache.complete:
+            cache.verify(rows=len(train))
+            log.info("score cache already complete: %s", cache.path)
+            print(cache.path)
+            return cache.path
+        if cache.rows_done() < len(train):  # else every row is there: fill_rows only verifies and finishes
+            parts.scorer.use(source.load()).to(device)
+        done = fill_rows(parts.scorer, train, cache, batch_size=options["batch_size"], limit=options["limit"],
+                         shard_rows=options["shard_rows"], num_workers=int(cfg.data.get("num_workers", 0)))
+    except CacheDamaged as err:
+        raise CacheDamaged(f"{err}. Delete {cache.path} and score again: {fill_command(cfg)}") from None
     state = "complete" if cache.complete else f"stopped at {done} of {len(train)} rows; rerun to continue"
     log.info("score cache %s: %s", state, cache.path)
     print(cache.path)
@@ -57,14 +92,20 @@ def fill_rows(scorer: FixedScorer, rows: datasets.Dataset, cache: ScoreCache, ba
                limit: int | None = None, shard_rows: int = 256, num_workers: int = 0, progress: bool = True) -> int:
     """θ' log-probs of ``rows`` (column input_ids) into ``cache``, resuming after its last shard.
 
-    ``scorer`` is a fixed scorer with its model loaded. ``limit`` stops after that many more rows
-    (rounded up to whole batches); returns the rows done. The forward passes are the live scorer's own
+    ``scorer`` is a fixed scorer with its model loaded (unused when every row is already there).
+    ``limit`` stops after that many more rows (rounded up to whole batches); returns the rows done.
+    The shards already there are verified first (:meth:`ScoreCache.verify`), so a damaged cache is
+    never continued or declared complete. The forward passes are the live scorer's own
     (``scorer(None, batch, None)``), so the numbers are the same.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    check_options(batch_size, shard_rows, limit)
+    cache.verify()
     total, start = len(rows), cache.rows_done()
+    if start > total:
+        raise CacheDamaged(f"score cache {cache.path}: its shards hold {start} rows, the data has {total}")
     shard_rows = max(batch_size, shard_rows // batch_size * batch_size)  # shards end on batch boundaries
     stop = total if limit is None else min(total, start + -(-limit // batch_size) * batch_size)
     if start >= total:

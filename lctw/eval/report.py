@@ -13,12 +13,18 @@ log = logging.getLogger(__name__)
 
 
 def log_results(logger, metrics: dict, table=None, table_key: str = "", plot: Path | None = None) -> None:
-    """Metrics to any Lightning logger; the table and the plot to W&B when it is the logger."""
+    """Metrics to any Lightning logger; the table and the plot to W&B when it is the logger.
+
+    The table's index becomes its first column and every column name a string: W&B writes a table
+    with ``json.dump(sort_keys=True)``, which fails on names that mix ints (RULER's lengths) with strings.
+    """
     if not logger:
         return
     logger.log_metrics(metrics)
     if hasattr(logger, "log_table") and table is not None:
-        logger.log_table(key=table_key, dataframe=table.reset_index())
+        frame = table.reset_index()
+        frame.columns = [str(c) for c in frame.columns]
+        logger.log_table(key=table_key, dataframe=frame)
     if hasattr(logger, "log_image") and plot is not None and plot.exists():
         logger.log_image(key=f"{table_key}_plot", images=[str(plot)])
 
