@@ -105,28 +105,45 @@ def wandb(save_dir: str, name: str, group: str | None, hparams: dict, project: s
     chosen = wandb_mode(mode)
     options = dict(project=project, entity=entity, name=name, group=group, save_dir=save_dir, tags=list(tags or []),
                    init_timeout=init_timeout, finish_timeout=finish_timeout, id=run_id(save_dir), resume="allow")
-    logger = _wandb_logger(chosen, **options)
-    if chosen == "online":
-        start = time.monotonic()
-        try:
-            _ = logger.experiment  # wandb.init now, so that a failure falls back here, not at the first step
-        except Exception as err:  # no network, wrong key, unreachable host, timeout: W&B raises several types
-            finish()  # a failure after wandb.init returned (define_metric) leaves a run Lightning would reuse
-            logger = _wandb_logger("offline", **options)
-            log.warning("W&B online start failed after %.1f s (%s: %s); logging offline to %s/wandb instead. "
-                        "Upload it later with: wandb sync %s/wandb/offline-run-*", time.monotonic() - start,
-                        type(err).__name__, err, save_dir, save_dir)
+    start = time.monotonic()
+    try:
+        logger = _started(chosen, options)  # wandb.init now: a failure falls back here, not at the first step
+    except Exception as err:  # no network, wrong key, unreachable host, timeout: W&B raises several types
+        if chosen != "online":
+            raise
+        finish()  # a failure after wandb.init returned (define_metric) leaves a run Lightning would reuse
+        # the failed online attempt keeps its id in this process's W&B service: the offline run takes a new one
+        logger = _started("offline", {**options, "id": run_id(save_dir, renew=True)})
+        log.warning("W&B online start failed after %.1f s (%s: %s); logging offline to %s/wandb instead. "
+                    "Upload it later with: wandb sync %s/wandb/offline-run-*", time.monotonic() - start,
+                    type(err).__name__, err, save_dir, save_dir)
     logger.log_hyperparams(hparams)
     return logger
 
 
-def run_id(save_dir: str) -> str:
+def _started(mode: str, options: dict, wait: float = 15.0) -> WandbLogger:
+    """A W&B logger whose run has started. A run resumed right after its process was killed finds its id
+    still held by the dead process's W&B service for a second or two: it waits for the id to be free."""
+    deadline = time.monotonic() + wait
+    while True:
+        logger = _wandb_logger(mode, **options)
+        try:
+            _ = logger.experiment
+            return logger
+        except Exception as err:
+            if "is in use" not in str(err) or time.monotonic() > deadline:
+                raise
+            finish()
+            time.sleep(1.0)
+
+
+def run_id(save_dir: str, renew: bool = False) -> str:
     """The W&B run id of a run directory, kept in ``<dir>/wandb/run_id``: a run resumed in its directory
-    (after a crash or a SLURM requeue) continues the same W&B run."""
+    (after a crash or a SLURM requeue) continues the same W&B run. ``renew`` draws a new one."""
     import secrets
 
     f = Path(save_dir) / "wandb" / "run_id"
-    if not f.exists():
+    if renew or not f.exists():
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(secrets.token_hex(4))
     return f.read_text().strip()

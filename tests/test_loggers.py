@@ -147,7 +147,8 @@ def silent_server():
         yield f"http://127.0.0.1:{server.getsockname()[1]}"
 
 
-@pytest.mark.parametrize("host", ["refused", "silent"])
+# the silent host costs W&B's analytics thread ~20 s at process exit: run on request (pytest -m slow)
+@pytest.mark.parametrize("host", ["refused", pytest.param("silent", marks=pytest.mark.slow)])
 def test_online_start_without_network_falls_back_to_offline_within_seconds(tmp_path, host, request):
     url = "http://127.0.0.1:9" if host == "refused" else request.getfixturevalue("silent_server")
     save_dir = tmp_path / "run"

@@ -9,8 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SMALL
+from conftest import ROOT, SMALL, compose
 from transformers import AutoConfig
+
+from lctw.config import validate
 
 TESTS = os.path.join(ROOT, "tests")
 YAMLS = {
@@ -37,7 +39,8 @@ def test_toy_scorer_weighting_and_context_run_through_train_py(cache_dir, tmp_pa
     assert metrics["train/weight_ess"] < 1 and metrics["train/weight_zero_frac"] == 0  # softmax weights
     config = AutoConfig.from_pretrained(run_dir / "hf")
     assert config.rope_parameters["rope_theta"] == pytest.approx(10000.0 * 8)  # the toy extension
-    # a bad value of the toy part is refused under its config key, before any model loads
-    bad = subprocess.run([*cmd[:-1], f"hydra.run.dir={tmp_path}/bad", "weighting.temperature=0"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "weighting.temperature=0 is out of range: allowed > 0" in bad.stderr
+    # a bad value of the toy part is refused under its config key by the one validation layer
+    bad = compose([f"hydra.searchpath=[file://{conf}]", "scorer=unigram", "weighting=tempered", "context=scaled_theta",
+                   *SMALL, "weighting.temperature=0"], cache=cache_dir)
+    with pytest.raises(ValueError, match=r"^weighting\.temperature=0 is out of range: allowed > 0"):
+        validate(bad)

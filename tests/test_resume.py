@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import torch
 from conftest import ROOT, SMALL
@@ -22,22 +23,37 @@ def train(run_dir, cache_dir, *extra):
            "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "train.py", *RUN, f"paths.cache={cache_dir}", f"hydra.run.dir={run_dir}", *extra]
     # a session of its own: the injected SIGKILL takes down the run's whole process group, not pytest
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _, proc.stderr_text = proc.communicate(timeout=600)
+    return proc
+
+
+def wait_for_orphans(pid, timeout=60.0):
+    """W&B's service process outlives a SIGKILLed run by a few seconds (it polls its parent); a requeued
+    job starts after it is gone (another node, or later), so the resumed run here does too."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-f", f"wandb-core.*--pid {pid}"], capture_output=True, text=True)
+        if not found.stdout.strip():
+            return
+        time.sleep(0.5)
 
 
 def test_sigkill_between_checkpoints_then_the_same_command_resumes_exactly(cache_dir, tmp_path):
     whole = train(tmp_path / "whole", cache_dir)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert whole.returncode == 0, whole.stderr_text[-3000:]
 
     crash = ["+callbacks.crash._target_=toy_parts.Crash", "+callbacks.crash.step=6"]
     killed = train(tmp_path / "resumed", cache_dir, *crash)
     assert killed.returncode == -signal.SIGKILL  # killed at step 6, after the step-4 checkpoint
     assert torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
     assert json.loads((tmp_path / "resumed/status.json").read_text())["status"] == "running"
+    wait_for_orphans(killed.pid)
 
     again = train(tmp_path / "resumed", cache_dir)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming from" in again.stderr and "last.ckpt" in again.stderr
+    assert again.returncode == 0, again.stderr_text[-3000:]
+    assert "resuming from" in again.stderr_text and "last.ckpt" in again.stderr_text
     a, b = load_file(tmp_path / "whole/hf/model.safetensors"), load_file(tmp_path / "resumed/hf/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
     ma = json.loads((tmp_path / "whole/metrics.json").read_text())

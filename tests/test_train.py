@@ -189,9 +189,9 @@ def test_resume_from_a_checkpoint_without_theta0(trained_run, cache_dir, tmp_pat
 
 
 @pytest.mark.parametrize("fault, message", [
-    ("truncated", r"is corrupted: its SHA-256 differs"),
+    ("truncated", r"is not a PyTorch checkpoint"),  # the config check reads the zip directory first
     ("edited", r"is corrupted: its SHA-256 differs"),
-    ("garbage", r"cannot be read as a checkpoint"),
+    ("garbage", r"is not a PyTorch checkpoint"),
     ("foreign", r"is for another θ \(model: checkpoint .*'hidden_size': 128.*now .*'hidden_size': 64"),
     ("missing", r"does not exist"),
 ])

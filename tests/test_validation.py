@@ -263,6 +263,7 @@ def test_a_mistyped_key_without_plus_is_refused_by_hydra_itself(tmp_path):
         compose(["weighting.lamm=0.5"], cache=str(tmp_path))
 
 
+@pytest.mark.slow  # tests/test_train.py::test_bad_option_on_the_command_line_names_the_key covers it in CI
 def test_the_message_reaches_the_console_of_train_py(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "train.py", "weighting.lam=true", f"hydra.run.dir={tmp_path}/run"]
