@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 SAME_THETA = ("model", "context", "n", "N")  # what makes a checkpoint's weights this run's θ
 
 
-def sha256_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, streamed (checkpoints here, score-cache shards in :mod:`lctw.cache.store`)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -44,7 +45,7 @@ def verify(path) -> None:
     sidecar = _sidecar(path)
     if not sidecar.exists():
         log.warning("checkpoint %s has no %s: its content cannot be verified", path, sidecar.name)
-    elif sidecar.read_text().strip() != sha256_file(path):
+    elif sidecar.read_text().strip() != file_sha256(path):
         raise ValueError(f"checkpoint {path} is corrupted: its SHA-256 differs from the one written with it "
                          f"({sidecar.name}); the file was truncated or edited. Resume from another checkpoint "
                          "or start the run again")
@@ -62,7 +63,7 @@ def read(path, **kwargs) -> dict:
 class VerifiedCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         super().save_checkpoint(checkpoint, path, storage_options)
-        _sidecar(path).write_text(sha256_file(Path(path)))
+        _sidecar(path).write_text(file_sha256(Path(path)))
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         verify(path)

@@ -19,8 +19,11 @@ TIMING = ("train/tokens_per_s",)  # wall-clock rates differ between any two runs
 
 
 def train(run_dir, cache_dir, *extra):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
-           "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    # WANDB_SERVICE: earlier in-process tests started a W&B service whose address wandb exports; a job
+    # started afresh (a requeued SLURM job) has its own, so the subprocess must not share pytest's
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), OMP_NUM_THREADS="1",
+               WANDB_MODE="offline")
     cmd = [sys.executable, "train.py", *RUN, f"paths.cache={cache_dir}", f"hydra.run.dir={run_dir}", *extra]
     # a session of its own: the injected SIGKILL takes down the run's whole process group, not pytest
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -15,7 +15,6 @@ A NaN read as a score would not fail loudly: the weights would quietly go unifor
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lctw.cache.fingerprint import differences, fingerprint_key
+from lctw.checkpoints import file_sha256
 
 SHORT, CHECKSUM = "short_logprobs", "checksum"  # the columns a cached row adds to the train split
 MANIFEST = "shards.json"  # {shard file name: {"rows", "bytes", "sha256"}}, one entry per shard written
@@ -165,15 +165,6 @@ class ScoreCache:
     def load(self) -> datasets.Dataset:
         """All shards as one memory-mapped dataset (columns short_logprobs, checksum)."""
         return datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for *_, p in self.shards()])
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_shard(path: Path, rows: int) -> None:
