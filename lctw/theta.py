@@ -29,7 +29,10 @@ def build_theta(model_spec, context, weights: bool = True) -> torch.nn.Module:
 
 
 def save_theta(model, tokenizer, out_dir: Path, config: dict | None) -> None:
-    """θ as a Hugging Face model directory, with the run's config beside it."""
+    """θ as a Hugging Face model directory, with the run's config beside it; never with non-finite weights."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"not exporting θ to {out_dir}: {len(bad)} parameters are not finite (e.g. {bad[0]})")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if config is not None:

@@ -140,6 +140,17 @@ def test_checkpoints_are_never_written_with_non_finite_weights():
         module.on_save_checkpoint({"state_dict": copy.copy(module.state_dict())})
 
 
+def test_theta_is_never_exported_with_non_finite_weights(tmp_path):
+    from lctw.theta import save_theta
+
+    model = tiny_llama(layers=1)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="not exporting θ"):
+        save_theta(model, None, tmp_path / "hf", None)
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_diverging_run_exits_with_an_error_and_leaves_no_model(cache_dir, tmp_path):
     """optimizer.lr=1e6 on the default experiment (shortened): the run stops, writes no hf/, and any
     metrics it writes are strict JSON."""
