@@ -21,6 +21,9 @@ Three kinds of check, in this order:
 
 Tokenizers are cheap and are compared here; no model weights and no data are ever loaded by
 :func:`validate`.
+
+One cohesive thing at about 550 lines: every rule a configuration must satisfy, in one place that a
+user who hits a refusal can read end to end (the issue's "one invariant, one check").
 """
 
 from __future__ import annotations
