@@ -99,6 +99,7 @@ class TokenWeightingLM(L.LightningModule):
         self._last_batch_start: float | None = None
         self.nonfinite, self.max_skipped = nonfinite, max_skipped
         self.skipped_steps = 0  # saved in checkpoints: a resumed run keeps counting
+        self._window_faulty = False  # a micro-batch of this accumulation window was skipped
 
     def _fault(self, what: str) -> None:
         """Count a skipped step, or stop: the policy of the module docstring."""
@@ -176,6 +177,7 @@ class TokenWeightingLM(L.LightningModule):
                    None) or (None if torch.isfinite(loss.detach()) else "loss")
         if self._any_rank(bad is not None):
             self._fault(bad or "values on another rank")
+            self._window_faulty = True  # the whole optimizer step is skipped, not just this micro-batch
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
             return None  # Lightning skips backward and the optimizer step
         ce = weighted_loss(long_lp.detach(), None, mask)
@@ -202,11 +204,15 @@ class TokenWeightingLM(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        bad = any(not torch.isfinite(g).all() for g in grads)
-        if self._any_rank(bad):
+        # one device-to-host sync for all gradients, not one per tensor
+        bad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        bad = self._any_rank(bad)
+        if bad:
             self._fault("gradients")
+        if bad or self._window_faulty:  # with accumulation, the other micro-batches' gradients go too
             for p in self.model.parameters():
                 p.grad = None  # the optimizer skips parameters without a gradient: nothing changes
+        self._window_faulty = False
 
     def on_validation_epoch_end(self) -> None:
         for key, metric in self.val_ce.items():

@@ -115,3 +115,21 @@ def test_hf_model_from_a_local_path(tmp_path, tokenizer):
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     assert {k: v.shape for k, v in bare.state_dict().items()} == shapes
     assert not torch.equal(bare.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_epoch_sampler_gives_the_shuffling_data_loaders_order_in_every_epoch():
+    """The resumable order equals what DataLoader(shuffle=True, generator=seeded) gave before, epoch by
+    epoch, so the numbers of earlier runs stay; a resume skips exactly the rows already trained on."""
+    from torch.utils.data import DataLoader
+
+    from lctw.data import EpochSampler
+
+    rows = list(range(10))
+    reference = DataLoader(rows, batch_size=3, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(7))
+    sampler = EpochSampler(len(rows), 7)
+    ours = DataLoader(rows, batch_size=3, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(7))
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        assert [b.tolist() for b in ours] == [b.tolist() for b in reference], epoch
+    sampler.resume(1, 3)
+    assert list(sampler) == sampler.order(1)[3:] and list(sampler) == sampler.order(1)  # skipped once

@@ -54,10 +54,10 @@ def rows(count=STEPS * 2, t=24):
     return [{"input_ids": r, "length": t} for r in ids]
 
 
-def fit(module, steps=STEPS):
+def fit(module, steps=STEPS, accumulate=1):
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0)
+                        num_sanity_val_steps=0, accumulate_grad_batches=accumulate)
     trainer.fit(module, train_dataloaders=DataLoader(rows(), batch_size=2, collate_fn=collate))
     return trainer
 
@@ -94,6 +94,17 @@ def test_a_skipped_step_leaves_every_parameter_unchanged():
     before = params(module)
     fit(module)
     assert module.skipped_steps == STEPS and not changed(before, module)
+
+
+def test_with_gradient_accumulation_a_faulty_micro_batch_skips_the_whole_step():
+    """The window's other micro-batches must not update θ alone: nothing changes."""
+    module = module_with(NaNScorer(8, 24, at=[1, 3]), max_skipped=10)  # the first micro-batch of each window
+    before = params(module)
+    fit(module, steps=2, accumulate=2)
+    assert module.skipped_steps == 2 and not changed(before, module)
+    clean = module_with(NaNScorer(8, 24, at=[]))
+    fit(clean, steps=2, accumulate=2)
+    assert changed(before, clean)  # the same windows without faults do train
 
 
 def test_too_many_faults_stop_the_run_with_the_fault_named():
