@@ -316,6 +316,7 @@ class EpochSampler(Sampler[int]):
         if self._skip is not None and self._skip[0] == self.epoch:
             order = order[self._skip[1]:]
             self._skip = None
+        self.epoch += 1  # each pass is the next epoch, as with the generator-driven sampler, set_epoch or not
         return iter(order)
 
     def __len__(self) -> int:

@@ -128,8 +128,9 @@ def test_epoch_sampler_gives_the_shuffling_data_loaders_order_in_every_epoch():
     reference = DataLoader(rows, batch_size=3, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(7))
     sampler = EpochSampler(len(rows), 7)
     ours = DataLoader(rows, batch_size=3, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(7))
-    for epoch in range(3):
-        sampler.set_epoch(epoch)
+    for epoch in range(3):  # whether or not the trainer calls set_epoch
+        if epoch == 1:
+            sampler.set_epoch(epoch)
         assert [b.tolist() for b in ours] == [b.tolist() for b in reference], epoch
     sampler.resume(1, 3)
-    assert list(sampler) == sampler.order(1)[3:] and list(sampler) == sampler.order(1)  # skipped once
+    assert list(sampler) == sampler.order(1)[3:] and list(sampler) == sampler.order(2)  # skipped once
