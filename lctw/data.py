@@ -286,8 +286,9 @@ class EpochSampler(Sampler[int]):
 
     The order is exactly the one ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``
     gives in its e-th epoch (each epoch the loader draws its workers' base seed from that generator, then
-    the permutation, and torch's sampler draws one more permutation when the epoch is exhausted), so runs
-    from before resumable data order keep their batches (tested against the DataLoader over 3 epochs).
+    the permutation, and torch's sampler draws one more permutation when the epoch is exhausted), when the
+    loader is iterated epoch after epoch (tested over 3 epochs). Inside Lightning the first epoch's batches
+    are those of earlier runs (the default run is unchanged); later epochs differ from them.
     ``resume(epoch, rows)`` skips the first ``rows`` of that epoch once; Lightning calls ``set_epoch`` at
     every epoch start.
     """
