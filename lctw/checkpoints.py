@@ -37,18 +37,28 @@ def _sidecar(path) -> Path:
     return Path(f"{path}.sha256")
 
 
+_VERIFIED: dict[str, tuple[int, int]] = {}  # path -> (size, mtime) of a file already hashed in this process
+
+
 def verify(path) -> None:
-    """Refuse a missing, truncated or edited checkpoint file, naming it."""
+    """Refuse a missing, truncated or edited checkpoint file, naming it. A file already verified in this
+    process and unchanged since is not hashed again (the run checks it before loading any model, then
+    Lightning loads it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    stat = path.stat()
+    if _VERIFIED.get(str(path)) == (stat.st_size, stat.st_mtime_ns):
+        return
     sidecar = _sidecar(path)
     if not sidecar.exists():
         log.warning("checkpoint %s has no %s: its content cannot be verified", path, sidecar.name)
-    elif sidecar.read_text().strip() != file_sha256(path):
+        return
+    if sidecar.read_text().strip() != file_sha256(path):
         raise ValueError(f"checkpoint {path} is corrupted: its SHA-256 differs from the one written with it "
                          f"({sidecar.name}); the file was truncated or edited. Resume from another checkpoint "
                          "or start the run again")
+    _VERIFIED[str(path)] = (stat.st_size, stat.st_mtime_ns)
 
 
 def read(path, **kwargs) -> dict:
