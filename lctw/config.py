@@ -73,6 +73,9 @@ TRAIN_KEYS = {"n": int, "N": int, "seed": int, "name": str | None, "chunk_size":
 EVAL_KEYS = {"ckpt": str, "gguf_file": str | None, "dtype": Literal[tuple(DTYPES)], "device": str, "n": int,
              "N": int, "seed": int, "name": str | None, "chunk_size": int | None}
 
+INSPECT_KEYS = {**TRAIN_KEYS, "ckpt": str | None, "text": str, "max_tokens": int | None, "top_k": int,
+                "dtype": Literal[tuple(DTYPES)], "device": str}
+
 
 def named(key: str, message: str) -> str:
     """A part's own error under its config key: ``lam=1.5 …`` -> ``weighting.lam=1.5 …``."""
@@ -555,3 +558,22 @@ def validate_evaluation(cfg: DictConfig):
     check_model_path("ckpt", cfg.ckpt, cfg.get("gguf_file"))
     check_device("device", cfg.device)
     return build(cfg.eval, "eval")
+
+
+def validate_inspection(cfg: DictConfig) -> tuple[Any, Any]:
+    """``python -m lctw.inspect``'s configuration, before any model loads; returns (scorer, weighting)."""
+    check_keys(cfg, INSPECT_KEYS)
+    if not Path(cfg.text).expanduser().is_file():
+        raise ConfigError(f"text={cfg.text!r} is not a file: give the text file to inspect")
+    if cfg.max_tokens is not None and cfg.max_tokens < 3:
+        raise ConfigError(f"max_tokens={cfg.max_tokens} is out of range: allowed >= 3 (BOS and two targets), or null")
+    if cfg.top_k < 1:
+        raise ConfigError(f"top_k={cfg.top_k} is out of range: allowed >= 1")
+    check_device("device", cfg.device)
+    if cfg.ckpt:
+        check_model_path("ckpt", cfg.ckpt)
+    check_lengths(cfg)
+    weighting, scorer = build(cfg.weighting, "weighting"), build(cfg.scorer, "scorer")
+    if not scorer.produces_scores:
+        raise ConfigError("scorer=none has no scores to show: allowed scorer=self, frozen or small")
+    return scorer, weighting

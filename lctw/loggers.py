@@ -117,8 +117,38 @@ def wandb(save_dir: str, name: str, group: str | None, hparams: dict, project: s
         log.warning("W&B online start failed after %.1f s (%s: %s); logging offline to %s/wandb instead. "
                     "Upload it later with: wandb sync %s/wandb/offline-run-*", time.monotonic() - start,
                     type(err).__name__, err, save_dir, save_dir)
-    logger.log_hyperparams(hparams)
+    logger.log_hyperparams(flat_config(hparams, option_names()))
     return logger
+
+
+def flat_config(config: dict, choices: dict[str, str] | None = None) -> dict:
+    """The resolved config as W&B wants it for grouping, filters and parallel coordinates: flat dotted keys
+    (``weighting.lam``, ``trainer.max_steps``) plus the name of each config group's chosen option under
+    the group's own key (``weighting: dense``, ``scorer: frozen``, ``context: theta``)."""
+    flat: dict = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and value:
+                walk(value, f"{name}.")
+            else:
+                flat[name] = value
+
+    walk(config, "")
+    flat.update(choices or {})
+    return flat
+
+
+def option_names() -> dict[str, str]:
+    """The chosen option of each config group (Hydra's ``runtime.choices``; ``model/base`` as ``model.base``),
+    without Hydra's own groups; {} outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {group.replace("/", "."): str(choice) for group, choice in HydraConfig.get().runtime.choices.items()
+            if choice is not None and not group.startswith("hydra")}
 
 
 def _started(mode: str, options: dict, wait: float = 15.0) -> WandbLogger:

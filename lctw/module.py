@@ -182,17 +182,18 @@ class TokenWeightingLM(L.LightningModule):
             return None  # Lightning skips backward and the optimizer step
         ce = weighted_loss(long_lp.detach(), None, mask)
         logs = {"train/loss": loss.detach(), "train/ce": ce, "train/skipped_steps": float(self.skipped_steps)}
-        if short_lp is not None:
-            s = ((short_lp - long_lp.detach()).abs() * mask).sum(-1)
-            logs["train/zero_score_rows"] = (s == 0).float().sum()
+        scores = None if short_lp is None else (short_lp - long_lp.detach()).abs() * mask
+        if scores is not None:
+            logs["train/zero_score_rows"] = (scores.sum(-1) == 0).float().sum()
         logs.update({f"train/{k}": v for k, v in weight_stats(weights, mask, self.n).items()})
-        if short_lp is not None:
-            logs["train/score_mean"] = ((short_lp - long_lp.detach()).abs() * mask).sum() / mask.sum().clamp_min(1)
+        if scores is not None:
+            logs["train/score_mean"] = scores.sum() / mask.sum().clamp_min(1)
         if self._trainer is not None and self.trainer.optimizers:
             logs["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log_dict(logs, on_step=True, prog_bar=False, batch_size=ids.shape[0])
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=ids.shape[0])
-        return loss
+        # scores and weights go to callbacks' on_train_batch_end (lctw.callbacks.TokenWeights), detached
+        return {"loss": loss, "scores": scores, "weights": weights.detach(), "mask": mask}
 
     def validation_step(self, batch, batch_idx):
         ids, mask = batch["input_ids"], batch["mask"]

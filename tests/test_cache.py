@@ -113,7 +113,7 @@ def test_training_with_the_cache_equals_the_frozen_scorer_on_the_first_step(scor
     def first_step(scorer):
         torch.manual_seed(0)
         module = TokenWeightingLM(build_theta(parts.model_spec, parts.context), scorer, parts.weighting, n=cfg.n)
-        loss = module.training_step(batch, 0)
+        loss = module.training_step(batch, 0)["loss"]
         with torch.no_grad():
             long_lp = model_logprobs(module.model, batch["input_ids"])
             weights = parts.weighting(long_lp, scorer(module.model, batch, long_lp), batch["mask"])
