@@ -115,7 +115,7 @@ def test_every_wandb_call_lctw_makes_lands_in_the_offline_run(tmp_path, monkeypa
     assert logger.failures == 0  # no call was skipped: each one below is W&B's own record of it
     assert run_dir.parent == tmp_path / "wandb" and run_dir.name.startswith("offline-run-")
     run = read_run(run_dir)
-    assert run["config"]["n"] == 32 and run["config"]["scorer"] == {"mode": "chunked"}
+    assert run["config"]["n"] == 32 and run["config"]["scorer.mode"] == "chunked"  # flat keys (loggers.flat_config)
     logged = {k: v for row in run["history"] for k, v in row.items()}
     assert logged["train/loss"] == 1.5 and logged["trainer/global_step"] == 3
     assert logged["eval/ruler/average/1024"] == 70.0 and logged["eval/ce/0-32"] == 5.1

@@ -29,8 +29,9 @@ def log_results(logger, metrics: dict, table=None, table_key: str = "", plot: Pa
         logger.log_image(key=f"{table_key}_plot", images=[str(plot)])
 
 
-def save_plot(table, path: Path, xlabel: str, ylabel: str, title: str) -> Path | None:
-    """One line per column of ``table`` over its index, saved as ``path``; None without matplotlib."""
+def save_plot(table, path: Path, xlabel: str, ylabel: str, title: str, errors=None) -> Path | None:
+    """One line per column of ``table`` over its index, saved as ``path``; None without matplotlib.
+    ``errors`` (same shape) draws error bars (the sweep report's spread over seeds)."""
     try:
         import matplotlib
 
@@ -41,13 +42,14 @@ def save_plot(table, path: Path, xlabel: str, ylabel: str, title: str) -> Path |
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for column in table.columns:
-        ax.plot(range(len(table.index)), table[column], marker="o", label=str(column))
+        err = None if errors is None else errors[column]
+        ax.errorbar(range(len(table.index)), table[column], yerr=err, marker="o", capsize=3, label=str(column))
     ax.set_xticks(range(len(table.index)), [str(i) for i in table.index], rotation=45, ha="right")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if len(table.columns) > 1:
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
