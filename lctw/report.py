@@ -85,12 +85,20 @@ def _with_training_means(metrics: dict, samples: dict) -> dict:
 
 
 def _option_names(config: dict) -> dict:
-    """Without Hydra's record of the chosen options: the class name of each part (``Dense`` -> ``dense``)."""
+    """Without Hydra's record of the chosen options (a run composed in Python): each part's own name (a
+    scorer's ``name``, a context's ``method``), else its class name in lower case (``Dense`` -> ``dense``)."""
+    from hydra.utils import get_object
+
     names = {}
-    for group in ("weighting", "scorer", "context", "model", "data"):
+    for group in ("weighting", "scorer", "context"):
         target = config.get(f"{group}._target_")
-        if target and group not in config:
-            names[group] = str(target).rsplit(".", 1)[-1].lower().removesuffix("scorer") or str(target)
+        if not target:
+            continue
+        try:
+            name = getattr(get_object(str(target)), "name", None)
+        except Exception:  # a part this installation cannot import
+            name = None
+        names[group] = name if isinstance(name, str) else str(target).rsplit(".", 1)[-1].lower()
     if "context.method" in config:
         names["context"] = config["context.method"]
     return names

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import open_dict
 
 from lctw import loggers, models
+from lctw.callbacks import TokenWeights
 from lctw.config import TRAIN_KEYS, check_keys, check_trainer
 from lctw.config import validate as build_parts
 
@@ -75,7 +76,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
                                                                       "devices": 1, "strategy": "auto"}
     instantiate(cfg.trainer, **trainer_overrides, logger=False, enable_progress_bar=False)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
-    assert all(isinstance(c, (ModelCheckpoint, TQDMProgressBar)) for c in callbacks)
+    assert all(isinstance(c, (ModelCheckpoint, TQDMProgressBar, TokenWeights)) for c in callbacks)
     logger = instantiate(cfg.logger, _partial_=True)(save_dir=str(tmp_path), name="t", group=None,
                                                      hparams={"a": 1})
     loggers.finish()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -71,6 +72,28 @@ def test_default_experiment_end_to_end(trained_run, cache_dir):
     assert (tmp_path / "eval" / "position_ce.png").stat().st_size > 0
 
 
+def test_wandb_shows_what_the_weighting_does(trained_run):
+    """The token view of one validation sequence (HTML) and score/weight histograms at each validation, the
+    flat config, and the training samples the sweep report reads (lctw.callbacks.TokenWeights)."""
+    from test_loggers import read_run
+
+    run_dir, _ = trained_run
+    (wandb_dir,) = (run_dir / "wandb").glob("offline-run-*")
+    run = read_run(wandb_dir)
+    assert run["config"]["weighting.lam"] == 0.75 and run["config"]["n"] == 32 and "weighting" not in run["config"]
+    views = [row for row in run["history"] if "val/token_view/_type" in row]
+    assert len(views) == 2  # right after extension (validate_first) and after the 3 training steps
+    assert all(row["val/token_view/_type"] == "html-file" for row in views)
+    assert all(row["val/token_view_scores/_type"] == "histogram" for row in views)
+    assert views[1]["train/weights_hist/_type"] == "histogram" and "train/weights_hist/_type" not in views[0]
+    page = (wandb_dir / "files" / views[1]["val/token_view/path"]).read_text()
+    assert page.count('title="position ') == 2 * 127 and "Top 20 tokens by score" in page
+    samples = np.load(run_dir / "token_weights.npz")
+    assert len(samples["step_ess"]) == 3 and int(samples["n"]) == 32
+    assert len(samples["weights"]) == 3 * 256 and (samples["weights"] >= 0.75 - 1e-6).all()  # dense lam=0.75
+    assert np.isfinite(samples["scores"]).all() and ((samples["positions"] >= 1) & (samples["positions"] <= 127)).all()
+
+
 def test_eval_py_on_a_run_directory_and_on_its_checkpoint(trained_run, cache_dir, tmp_path):
     run_dir, _ = trained_run
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "LCTW_CACHE": cache_dir}
@@ -117,6 +140,19 @@ def test_multirun_sweeps_scorer_by_weighting(cache_dir, tmp_path):
             assert job_metrics["train/weight_max"] == pytest.approx(127 / 31, rel=1e-6)
         else:
             assert job_metrics["train/weight_zero_frac"] == 0 and job_metrics["train/weight_ess"] < 1
+    # W&B's config names each group's chosen option beside the flat keys: grouping needs no edits
+    from test_loggers import read_run
+
+    config = read_run(runs[0].parent)["config"]
+    assert config["weighting"] in ("dense", "sparse") and config["scorer"] in ("frozen", "self")
+    assert config["context"] == "theta" and config["scorer.n"] == 32
+    # the sweep report reads the real job directories: one row per configuration, training histograms
+    from lctw.report import report
+
+    out = report(str(sweep))
+    table = pd.read_csv(out / "report.csv", index_col=0)
+    assert len(table) == 4 and (table["seeds"] == 1).all() and set(table["scorer"]) == {"frozen", "self"}
+    assert table["train/weight_ess_mean mean"].between(0, 1).all() and (out / "histograms.png").exists()
 
 
 def test_bad_option_on_the_command_line_names_the_key(tmp_path):
