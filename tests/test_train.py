@@ -89,6 +89,7 @@ def test_wandb_shows_what_the_weighting_does(trained_run):
     page = (wandb_dir / "files" / views[1]["val/token_view/path"]).read_text()
     assert page.count('title="position ') == 2 * 127 and "Top 20 tokens by score" in page
     samples = np.load(run_dir / "token_weights.npz")
+    assert (wandb_dir / "files" / "token_weights.npz").read_bytes() == (run_dir / "token_weights.npz").read_bytes()
     assert len(samples["step_ess"]) == 3 and int(samples["n"]) == 32
     assert len(samples["weights"]) == 3 * 256 and (samples["weights"] >= 0.75 - 1e-6).all()  # dense lam=0.75
     assert np.isfinite(samples["scores"]).all() and ((samples["positions"] >= 1) & (samples["positions"] <= 127)).all()
