@@ -79,12 +79,17 @@ def _spans(view: TokenView, values: np.ndarray, rgb: tuple[int, int, int]) -> st
     return "".join(out)
 
 
+def visible(token: str) -> str:
+    """A token for a table cell: whitespace shown (``␣``, ``↵``), HTML escaped."""
+    return html.escape(token).replace(" ", "␣").replace("\n", "↵")
+
+
 def to_html(view: TokenView, top_k: int = 20) -> str:
     """A self-contained page: the text coloured by score, then by weight, then the top-scored tokens."""
     rows = []
     for rank, j in enumerate(view.top(top_k), 1):
         before = html.escape("".join(view.tokens[max(0, j - 8) : j]))
-        rows.append(f"<tr><td>{rank}</td><td>{j + 1}</td><td>{before}<b>{html.escape(view.tokens[j])}</b></td>"
+        rows.append(f"<tr><td>{rank}</td><td>{j + 1}</td><td>{before}<b>{visible(view.tokens[j])}</b></td>"
                     f"<td>{view.long[j]:.3f}</td><td>{view.short[j]:.3f}</td><td>{view.score[j]:.3f}</td>"
                     f"<td>{view.weight[j]:.3f}</td></tr>")
     beyond = view.weight[view.n :].sum() / max(view.weight.sum(), 1e-12)

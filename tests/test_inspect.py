@@ -1,6 +1,5 @@
 """Which tokens get weight: python -m lctw.inspect on a tiny model, and the training callback's samples."""
 
-import html
 import json
 from types import SimpleNamespace
 
@@ -15,6 +14,7 @@ from lctw.config import ConfigError
 from lctw.inspect import inspect_text
 from lctw.models import bpe_tokenizer
 from lctw.scoring import model_logprobs
+from lctw.tokenview import visible
 
 pytestmark = pytest.mark.usefixtures("hydra_conf")  # Hydra initialized once for the module's compositions
 TEXT = ("The secret number of Dovak is 4 7 1 9. Many essays begin with a date and a question. "
@@ -58,7 +58,7 @@ def test_inspect_writes_the_text_coloured_by_score_and_weight(tiny_hf, tmp_path)
         assert t["score"] == pytest.approx(abs(t["logp_short"] - t["logp_long"]), abs=1e-6)
         # dense: w = lam + (1 - lam) · s / mean(s)
         assert t["weight"] == pytest.approx(0.5 + 0.5 * t["score"] / result["score_mean"], rel=1e-5)
-        assert f"<b>{html.escape(t['token'])}</b>" in page
+        assert f"<b>{visible(t['token'])}</b>" in page
         assert f"<td>{t['score']:.3f}</td>" in page
     assert json.loads((tmp_path / "tokens.json").read_text())["top"][0]["position"] == top[0]["position"]
     assert (tmp_path / "tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

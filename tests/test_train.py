@@ -95,6 +95,20 @@ def test_wandb_shows_what_the_weighting_does(trained_run):
     assert np.isfinite(samples["scores"]).all() and ((samples["positions"] >= 1) & (samples["positions"] <= 127)).all()
 
 
+def test_inspect_a_run_with_its_frozen_scorer(trained_run, cache_dir, tmp_path, caplog):
+    """python -m lctw.inspect on a run directory: θ from hf/, θ0 (scorer=frozen) from the run's model spec."""
+    from lctw.inspect import inspect_text
+
+    run_dir, _ = trained_run
+    text = tmp_path / "essay.txt"
+    text.write_text("Procrastination feeds on distractions. " * 40)
+    cfg = compose([f"ckpt={run_dir}", f"text={text}", *SMALL[:2], "top_k=3"], cache=cache_dir, config_name="inspect")
+    result = inspect_text(cfg, tmp_path / "out")
+    assert result["tokens"] == 128 and len(result["top"]) == 3 and result["score_mean"] > 0
+    assert "other settings than the run" not in caplog.text  # the run's own n, N, scorer and weighting
+    assert "scorer=frozen" in (tmp_path / "out" / "tokens.html").read_text()
+
+
 def test_eval_py_on_a_run_directory_and_on_its_checkpoint(trained_run, cache_dir, tmp_path):
     run_dir, _ = trained_run
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "LCTW_CACHE": cache_dir}
