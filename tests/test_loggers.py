@@ -56,6 +56,15 @@ def test_bad_timeouts_are_refused(tmp_path, key, value):
         loggers.wandb(str(tmp_path), "t", None, {}, mode="offline", **{key: value})
 
 
+def test_flat_config_has_dotted_keys_and_the_chosen_options():
+    config = {"n": 32, "weighting": {"_target_": "lctw.weighting.Dense", "lam": 0.75}, "model": {"base": {}},
+              "eval": None, "optimizer": {"betas": [0.9, 0.95]}}
+    assert loggers.flat_config(config, {"weighting": "dense", "model": "tiny"}) == {
+        "n": 32, "weighting._target_": "lctw.weighting.Dense", "weighting.lam": 0.75, "model.base": {},
+        "eval": None, "optimizer.betas": [0.9, 0.95], "weighting": "dense", "model": "tiny"}
+    assert loggers.option_names() == {}  # outside a Hydra app (train.py's runs: tests/test_train.py)
+
+
 def read_run(run_dir: Path) -> dict:
     """The records of an offline W&B run file (``run-<id>.wandb``): its config and every history row.
 
