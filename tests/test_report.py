@@ -41,7 +41,7 @@ def fabricate(sweep: Path) -> list[dict]:
         (job / ".hydra").mkdir(parents=True)
         w_cfg, s_cfg, scorer = WEIGHTINGS[weighting]
         config = {"seed": seed, "n": 32, "N": 128, "weighting": w_cfg, "scorer": s_cfg,
-                  "context": {"_target_": "lctw.context.RopeTheta", "method": "theta"},
+                  "context": {"_target_": "lctw.context.ContextExtension", "method": "theta"},
                   "paths": {"cache": f"/tmp/cache{seed}"}, "name": None, "optimizer": {"lr": 1e-3}}
         OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
         choices = {"weighting": weighting, "scorer": scorer, "context": "theta", "hydra/launcher": "basic"}
