@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 from conftest import ROOT, SMALL
 from safetensors.torch import load_file
@@ -63,6 +64,9 @@ def test_sigkill_between_checkpoints_then_the_same_command_resumes_exactly(cache
     mb = json.loads((tmp_path / "resumed/metrics.json").read_text())
     assert "val/ce_before" in mb  # measured before the interruption, kept
     assert {k: v for k, v in ma.items() if k not in TIMING} == {k: v for k, v in mb.items() if k not in TIMING}
+    # the score/weight samples of the sweep report: those taken before the kill travel in the checkpoint
+    sa, sb = np.load(tmp_path / "whole/token_weights.npz"), np.load(tmp_path / "resumed/token_weights.npz")
+    assert len(sa["step_ess"]) == 8 and all(np.array_equal(sa[k], sb[k]) for k in sa.files)
     assert json.loads((tmp_path / "resumed/status.json").read_text())["status"] == "completed"
     # the same W&B run continues: one run id in the run directory
     ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "resumed/wandb").glob("offline-run-*")}
