@@ -9,7 +9,8 @@ Logged: ``train/loss`` (weighted), ``train/ce`` (unweighted), weight diagnostics
 ``weight_max``, ``weight_zero_frac``, ``weight_ess`` = (Σw)²/Σw²/M, ``weight_mass_beyond_n``, score
 mean), ``train/tokens_per_s``; validation ``val/ce``, ``val/ppl`` and the CE split at position n,
 ``val/ce_within_n`` / ``val/ce_beyond_n`` (targets with at most / more than n tokens before them),
-where context extension shows.
+where context extension shows. ``training_step`` returns the loss together with the step's scores, weights
+and mask (detached), which callbacks receive in ``on_train_batch_end`` (:class:`lctw.callbacks.TokenWeights`).
 
 Numerical faults are caught, not trained on (``nonfinite`` in ``conf/config.yaml``). A step whose
 log-probs, short log-probs, weights or loss (on valid targets) or whose gradients are not finite is
