@@ -46,6 +46,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lctw.loss import KERNELS, kernel_problem
 from lctw.models import DTYPES, is_local_path
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ _register_resolvers()
 # The top-level keys of conf/config.yaml (train.py, score.py) and conf/evaluate.yaml (eval.py); the
 # groups are checked against their targets' constructors instead.
 TRAIN_KEYS = {"n": int, "N": int, "seed": int, "name": str | None, "chunk_size": int | None,
+              "loss": Literal[tuple(KERNELS)],
               "validate_first": bool, "ckpt_path": str | None, "checkpoint_every": int}
 EVAL_KEYS = {"ckpt": str, "gguf_file": str | None, "dtype": Literal[tuple(DTYPES)], "device": str, "n": int,
              "N": int, "seed": int, "name": str | None, "chunk_size": int | None}
@@ -390,6 +392,17 @@ def _check_machine(trainer: DictConfig) -> None:
                           f"machine; allowed indices 0 … {count - 1}")
 
 
+def check_loss(kernel: str, trainer: DictConfig) -> None:
+    """An explicitly chosen fused loss kernel must be installed and run where the trainer puts the model."""
+    import torch
+
+    accelerator = trainer.get("accelerator", "auto")
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    problem = kernel_problem(kernel, "cuda" if cuda else str(accelerator))
+    if kernel != "auto" and problem:
+        raise ConfigError(f"loss={kernel} {problem}")
+
+
 def check_scheduler(scheduler: DictConfig) -> None:
     """A schedule that ends at ``num_training_steps`` (cosine) needs a positive end; it follows
     ``trainer.max_steps``, which may be -1 (no step limit)."""
@@ -490,6 +503,7 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
             raise ConfigError(named("nonfinite", str(err))) from None
     if cfg.get("trainer") is not None:
         check_trainer(cfg.trainer, machine=not for_cache)
+        check_loss(cfg.get("loss", "auto"), cfg.trainer)
     if cfg.get("scheduler") is not None:
         check_scheduler(cfg.scheduler)
     if cfg.get("ckpt_path") and cfg.ckpt_path != "last" and "://" not in cfg.ckpt_path:  # remote: Lightning reads it

@@ -72,7 +72,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
         config = OmegaConf.to_container(cfg, resolve=True)
         logger = loggers.build(cfg, run_dir)
         module = TokenWeightingLM(model, scorer, parts.weighting, n=cfg.n, optimizer=instantiate(cfg.optimizer),
-                                  scheduler=instantiate(cfg.scheduler), chunk_size=cfg.chunk_size, config=config,
+                                  scheduler=instantiate(cfg.scheduler), chunk_size=cfg.chunk_size,
+                                  loss=cfg.loss, config=config,
                                   nonfinite=cfg.nonfinite.policy, max_skipped=cfg.nonfinite.max_skipped)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         for cb in callbacks:

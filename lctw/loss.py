@@ -22,15 +22,55 @@ Numerics: the matmul, softmax and all accumulations run in float32 (float64 if t
 lets ``torch.autograd.gradcheck`` verify the hand-written backward); autocast is disabled inside so a
 surrounding ``bf16-mixed`` context cannot silently drop the logits to bf16. Gradients are returned in the
 inputs' dtypes. Plain eager code: ``torch.compile`` is not assumed to be available.
+
+Fused kernels (the ``loss`` option): on CUDA, two packages on the index compute the same per-token
+log-probs in Triton without a (T, V) buffer and faster than the eager chunks: Apple's
+``cut-cross-entropy`` (``loss=cce``) and LinkedIn's Liger fused linear cross-entropy (``loss=liger``).
+``loss=auto`` takes the first one installed when the hidden states are on CUDA and the chunked path
+otherwise; an explicitly requested kernel that cannot run is an error, never a silent fallback. Both
+are called exactly (CCE without its gradient filtering, ``filter_eps=None``), so they agree with the
+chunked path to rounding; ``benchmarks/gpu_smoke.py`` measures that on a GPU.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["token_logprobs", "weighted_loss"]
+__all__ = ["KERNELS", "resolve_kernel", "token_logprobs", "weighted_loss"]
+
+# loss option -> the package that provides it (None: part of lctw)
+KERNELS = {"auto": None, "chunked": None, "cce": "cut_cross_entropy", "liger": "liger_kernel"}
+IGNORE = -100  # the ignore index both fused kernels use for padding targets
+
+
+def kernel_problem(kernel: str, device: str = "cuda") -> str | None:
+    """Why ``kernel`` cannot run on ``device`` ('cpu', 'cuda', ...), or None when it can (a sentence that
+    follows ``loss=<kernel>``)."""
+    if kernel not in KERNELS:
+        return f"is not a loss kernel: choose one of {list(KERNELS)}"
+    package = KERNELS[kernel]
+    if package is None:
+        return None
+    if importlib.util.find_spec(package) is None:
+        pip = {"cut_cross_entropy": "cut-cross-entropy", "liger_kernel": "liger-kernel"}[package]
+        return f"needs the {pip} package (pip install 'lctw[gpu]')"
+    if not device.startswith("cuda"):
+        return f"is a Triton kernel that needs CUDA, not {device!r}: use loss=chunked or auto"
+    return None
+
+
+def resolve_kernel(kernel: str, device: str) -> str:
+    """The kernel that runs: ``auto`` is the first installed fused kernel on CUDA, else ``chunked``."""
+    if kernel == "auto":
+        return next((k for k in ("cce", "liger") if kernel_problem(k, device) is None), "chunked")
+    problem = kernel_problem(kernel, device)
+    if problem:
+        raise ValueError(f"loss={kernel} {problem}")
+    return kernel
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -124,12 +164,34 @@ def _naive_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
+def _fused_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None,
+                          kernel: str) -> Tensor:
+    """log p(target) of rows ``hidden`` (M, D) through a fused CUDA kernel: minus its per-token loss."""
+    targets = targets.masked_fill((targets < 0) | (targets >= weight.shape[0]), IGNORE)
+    if kernel == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        if bias is not None:
+            raise ValueError("loss=cce has no LM-head bias: use loss=liger or chunked for this model")
+        # Same dtype for both operands, as autocast would give a matmul; fp32 masters get their grad back.
+        nll = linear_cross_entropy(hidden, weight.to(hidden.dtype), targets, ignore_index=IGNORE,
+                                   reduction="none", filter_eps=None)
+    else:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        nll = liger_fused_linear_cross_entropy(hidden, weight.to(hidden.dtype), targets,
+                                               None if bias is None else bias.to(hidden.dtype),
+                                               ignore_index=IGNORE, reduction="none", accum_dtype=torch.float32)
+    return -nll.float()
+
+
 def token_logprobs(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
     bias: Tensor | None = None,
     chunk_size: int | None = 1024,
+    kernel: str = "chunked",
 ) -> Tensor:
     """Per-token ``log p(target | hidden)`` under the LM head ``logits = hidden @ weight.T + bias``.
 
@@ -141,6 +203,8 @@ def token_logprobs(
         bias: optional (V,) LM-head bias.
         chunk_size: rows of the flattened B*T per chunk; peak extra memory is ~chunk_size * V floats.
             ``None`` selects the naive full-logits path (reference for tests and benchmarks).
+        kernel: ``chunked`` (this module), ``cce`` or ``liger`` (fused CUDA kernels), or ``auto``
+            (see :func:`resolve_kernel`); ``chunk_size`` only matters for ``chunked``.
 
     Returns:
         (B, T) float32 log-probabilities (float64 if the inputs are float64), differentiable w.r.t.
@@ -152,6 +216,10 @@ def token_logprobs(
     if targets.shape != batch_shape:
         raise ValueError(f"targets shape {tuple(targets.shape)} != hidden.shape[:-1] {tuple(batch_shape)}")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    kernel = resolve_kernel(kernel, hidden.device.type)
+    if kernel != "chunked":
+        out = _fused_token_logprobs(flat_hidden, weight, targets.reshape(-1).long(), bias, kernel)
+        return out.reshape(batch_shape)
     flat_targets = _safe_targets(targets, weight.shape[0])
     if chunk_size is None:
         out = _naive_token_logprobs(flat_hidden, weight, flat_targets, bias)

@@ -82,6 +82,7 @@ class TokenWeightingLM(L.LightningModule):
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         chunk_size: int | None = 1024,
+        loss: str = "auto",
         config: dict | None = None,
         nonfinite: str = "skip",
         max_skipped: int = 5,
@@ -94,6 +95,7 @@ class TokenWeightingLM(L.LightningModule):
         self.weighting = weighting or Uniform()
         self.n = int(n or self.scorer.n)
         self.chunk_size = chunk_size  # rows per LM-head chunk in the loss (None = full logits)
+        self.loss_kernel = loss  # LM-head kernel of the training loss (lctw.loss.KERNELS)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_ce = torch.nn.ModuleDict({k: MeanMetric() for k in ("all", "within_n", "beyond_n")})
@@ -169,7 +171,7 @@ class TokenWeightingLM(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         ids, mask = batch["input_ids"], batch["mask"]
-        long_lp = model_logprobs(self.model, ids, self.chunk_size)
+        long_lp = model_logprobs(self.model, ids, self.chunk_size, kernel=self.loss_kernel)
         short_lp = self.scorer(self.model, batch, long_lp.detach())
         weights = self.weighting(long_lp, short_lp, mask)
         loss = weighted_loss(long_lp, weights, mask)

@@ -45,13 +45,15 @@ def logprobs_of(logits: Tensor, targets: Tensor) -> Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def model_logprobs(model, input_ids: Tensor, chunk_size: int | None = 1024, first: int = 0, **kwargs) -> Tensor:
+def model_logprobs(model, input_ids: Tensor, chunk_size: int | None = 1024, first: int = 0, kernel: str = "chunked",
+                   **kwargs) -> Tensor:
     """Log-probs of ``input_ids[:, 1:]`` under ``model`` given everything before them: (B, T-1) float32.
 
     With ``chunk_size`` the LM head runs in chunks of rows (:func:`lctw.loss.token_logprobs`), so no
     (T, V) logits tensor exists in forward or backward; ``None`` takes the model's full logits. Models
     that post-process logits (soft-capping, a logit scale) always take the full logits. ``first`` > 0
-    skips the LM head for the first targets (NaN in the result).
+    skips the LM head for the first targets (NaN in the result). ``kernel`` picks the LM-head kernel
+    (:func:`lctw.loss.resolve_kernel`: chunked, or a fused CUDA kernel).
     """
     head = model.get_output_embeddings()
     post = any(getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
@@ -61,7 +63,8 @@ def model_logprobs(model, input_ids: Tensor, chunk_size: int | None = 1024, firs
         out[:, :first] = float("nan")
         return out
     hidden = model.base_model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state[:, first:-1]
-    out = token_logprobs(hidden, head.weight, input_ids[:, first + 1 :], getattr(head, "bias", None), chunk_size)
+    bias = getattr(head, "bias", None)
+    out = token_logprobs(hidden, head.weight, input_ids[:, first + 1 :], bias, chunk_size, kernel)
     return F.pad(out, (first, 0), value=float("nan")) if first else out
 
 

@@ -167,3 +167,76 @@ def test_chunked_peak_memory_far_below_naive():
     # saved for backward) would break both bounds.
     assert chunked < 0.25 * naive, f"chunked {chunked / 2**20:.0f} MiB vs naive {naive / 2**20:.0f} MiB"
     assert chunked < 0.5 * logits_bytes
+
+
+# ---- the loss option: chunked here, fused Triton kernels on CUDA -------------------------------------------
+
+
+def test_auto_kernel_is_chunked_without_cuda():
+    from lctw.loss import resolve_kernel
+
+    assert resolve_kernel("auto", "cpu") == "chunked"
+    assert resolve_kernel("chunked", "cpu") == "chunked"
+    h, w = torch.randn(2, 5, 8, requires_grad=True), torch.randn(11, 8)
+    t = torch.randint(0, 11, (2, 5))
+    torch.testing.assert_close(token_logprobs(h, w, t, kernel="auto"), token_logprobs(h, w, t, kernel="chunked"))
+
+
+@pytest.mark.parametrize("kernel,package", [("cce", "cut_cross_entropy"), ("liger", "liger_kernel")])
+def test_fused_kernel_on_cpu_is_an_error_not_a_fallback(kernel, package):
+    from lctw.loss import resolve_kernel
+
+    expected = "needs the" if importlib.util.find_spec(package) is None else "needs CUDA"
+    with pytest.raises(ValueError, match=rf"loss={kernel} .*{expected}"):
+        resolve_kernel(kernel, "cpu")
+    with pytest.raises(ValueError, match="not a loss kernel: choose one of"):
+        resolve_kernel("fused", "cpu")
+
+
+def test_fused_kernel_on_cpu_trainer_is_a_config_error(hydra_conf):
+    from lctw.config import ConfigError, validate
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match=r"^loss=cce (needs the cut-cross-entropy package|is a Triton kernel)"):
+        validate(compose(["loss=cce", "trainer=cpu"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels are Triton kernels: CUDA only")
+@pytest.mark.parametrize("kernel", ["cce", "liger"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernel_matches_chunked_on_cuda(kernel, dtype):
+    """Values and gradients of a fused kernel against the chunked path, fp32 masters with bf16 or fp32
+    hidden states. Tolerance: both reduce in fp32, so they differ by summation order (fp32) or by the
+    kernel's bf16 matmul inputs (bf16: ~1e-2 relative, the bf16 epsilon times sqrt(D))."""
+    from lctw.loss import kernel_problem
+
+    if kernel_problem(kernel, "cuda"):
+        pytest.skip(kernel_problem(kernel, "cuda"))
+    torch.manual_seed(0)
+    B, T, D, V = 2, 512, 256, 4096
+    h = (torch.randn(B, T, D, device="cuda") / D**0.5).to(dtype).requires_grad_()
+    w = (torch.randn(V, D, device="cuda") * 0.5).requires_grad_()
+    t = torch.randint(0, V, (B, T), device="cuda")
+    t[0, :3] = -100
+    g = torch.rand(B, T, device="cuda")
+    out = {}
+    for k in ("chunked", kernel):
+        h.grad = w.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            lp = token_logprobs(h, w, t, chunk_size=256, kernel=k)
+        (lp * g).masked_fill(t < 0, 0).sum().backward()
+        out[k] = (lp.detach().masked_fill(t < 0, 0), h.grad.clone(), w.grad.clone())
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    for a, b in zip(out["chunked"], out[kernel], strict=True):
+        torch.testing.assert_close(b.float(), a.float(), **tol)
+
+
+def test_gpu_smoke_script_says_it_needs_cuda(capsys):
+    """benchmarks/gpu_smoke.py runs unchanged on a GPU node; here (no CUDA) it exits 2 with a clear message."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: run the script itself")
+    spec = importlib.util.spec_from_file_location("gpu_smoke", Path(__file__).parents[1] / "benchmarks/gpu_smoke.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--lengths", "8192"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -1,0 +1,313 @@
+"""GPU smoke test and figures for one node: FSDP2, bf16 with fp32 masters, FlexAttention window scoring,
+the LM-head loss kernels, and tokens/s/GPU and peak memory of a training step at 8k, 16k and 32k tokens.
+
+Run it first on a new cluster or after an upgrade of torch, Lightning or transformers::
+
+    python benchmarks/gpu_smoke.py --out gpu_smoke.json                       # one GPU, a 1B-shaped Llama
+    torchrun --nproc_per_node 8 benchmarks/gpu_smoke.py --model meta-llama/Meta-Llama-3-8B --out gpu_smoke.json
+    python benchmarks/gpu_smoke.py --hidden 2048 --layers 16 --vocab 128256 --lengths 8192 16384
+
+``--model`` takes a hub id or a local directory (its config; the weights too with ``--weights``; timing
+does not depend on the values, so random weights are the default). Without ``--model`` the model is a
+Llama built from ``--hidden/--layers/--heads/--vocab``. On a machine without CUDA the script exits with
+status 2 and says so; any failed check exits with status 1. Every rank builds its model on its GPU and
+shards it at once with lctw's own plan (:func:`lctw.distributed.shard_model`, what ``trainer=fsdp`` runs).
+
+Checks (each "ok" or "FAILED" with its numbers):
+
+* ``fsdp2``: every decoder layer and the root are FSDP2 modules; the parameters are float32 DTensor shards;
+* ``fp32_masters``: one AdamW step at lr 2e-5 under bf16 compute changes > 99% of the weights (pure bf16
+  weights leave most of them unchanged: the update is below half a bf16 ulp);
+* ``loss_kernels``: the chunked LM-head loss against full logits, and each installed fused kernel
+  (cut-cross-entropy, Liger) against the chunked one: values and gradients, bf16 hidden states;
+* ``flex_window``: window scoring with FlexAttention against the sdpa window kernel on the sharded θ.
+
+Figures, for each length and for ``scorer=none``, ``self`` (window mode, FlexAttention) and ``frozen``
+(θ0 sharded like θ, chunked mode as in the paper): median step time, tokens/s/GPU, peak memory, and the
+step time relative to ``scorer=none``. A step is what ``TokenWeightingLM.training_step`` does (one sequence
+per GPU), then backward and AdamW, with activation checkpointing unless ``--no-checkpointing``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=None, help="hub id or local dir (default: a Llama from the shape flags)")
+    p.add_argument("--weights", action="store_true", help="load --model's weights (default: random init)")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768], help="N (tokens per sequence)")
+    p.add_argument("--n-ratio", type=int, default=4, help="n = N / this (default 4: 8k -> 32k)")
+    p.add_argument("--scorers", default="none,self,frozen", help="comma-separated")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per length and scorer")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--loss", default="auto", help="the training loss kernel: auto | chunked | cce | liger")
+    p.add_argument("--no-checkpointing", action="store_true", help="no activation checkpointing")
+    p.add_argument("--out", default=None, help="write the results as JSON here (rank 0)")
+    return p.parse_args(argv)
+
+
+def setup_distributed():
+    """One process per GPU: torchrun's environment, or a single-rank group for a plain ``python`` run."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl")
+    return init_device_mesh("cuda", (dist.get_world_size(),)), dist.get_rank(), dist.get_world_size()
+
+
+def build(args, max_len: int, seed: int):
+    """θ in float32 on this rank's GPU (the fp32 masters), random init unless ``--weights``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    if args.model and args.weights:
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, device_map="cuda")
+    if args.model:
+        config = AutoConfig.from_pretrained(args.model)
+    else:
+        config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                             num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                             intermediate_size=int(3.5 * args.hidden), tie_word_embeddings=False)
+    config.max_position_embeddings = max(max_len, getattr(config, "max_position_embeddings", 0) or 0)
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def shard(model, mesh, checkpointing: bool):
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from lctw.distributed import shard_model
+
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return shard_model(model, mesh, policy)
+
+
+def check_fsdp2(model) -> dict:
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from lctw.distributed import decoder_layers
+
+    layers = decoder_layers(model)
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    ok = (isinstance(model, FSDPModule) and all(isinstance(m, FSDPModule) for m in layers)
+          and all(isinstance(p, DTensor) for p in model.parameters()) and dtypes == [str(torch.float32)])
+    return {"ok": ok, "decoder_layers": len(layers), "layer_class": type(layers[0]).__name__, "param_dtypes": dtypes}
+
+
+def random_batch(vocab: int, length: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (1, length), generator=g)
+    ids[:, 0] = 1
+    return {"input_ids": ids.cuda(), "mask": torch.ones(1, length - 1, dtype=torch.bool, device="cuda")}
+
+
+def check_fp32_masters(module, batch) -> dict:
+    """One optimizer step at the paper's lr: the fraction of this rank's weight elements that moved."""
+    import torch
+
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    before = [p.detach().to_local().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    module.training_step(batch, 0).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    changed = sum(int((p.detach().to_local() != b).sum()) for p, b in zip(params, before, strict=True))
+    total = sum(b.numel() for b in before)
+    return {"ok": changed / total > 0.99, "changed_fraction": changed / total}
+
+
+def check_loss_kernels(hidden: int, vocab: int, tokens: int = 8192) -> dict:
+    """Chunked vs full logits, and each installed fused kernel vs chunked: max abs differences of the
+    log-probs and of the gradients w.r.t. the hidden states and the head. Tolerances: the chunked path
+    reduces in fp32 like full logits (1e-3); the fused kernels multiply bf16 inputs (1e-2 relative)."""
+    import torch
+
+    from lctw.loss import kernel_problem, token_logprobs
+
+    torch.manual_seed(0)
+    h = (torch.randn(1, tokens, hidden, device="cuda") / hidden**0.5).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda") * 0.02 * hidden**0.5).requires_grad_()
+    t = torch.randint(0, vocab, (1, tokens), device="cuda")
+    g = torch.rand(1, tokens, device="cuda")
+
+    def run(kernel, chunk_size=4096):
+        h.grad = w.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        lp = token_logprobs(h, w, t, chunk_size=chunk_size, kernel=kernel)
+        (lp * g).sum().backward()
+        torch.cuda.synchronize()
+        return {"lp": lp.detach().float(), "dh": h.grad.float(), "dw": w.grad.float(),
+                "ms": 1e3 * (time.perf_counter() - start), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+    def compare(ref, other, tol):
+        diff = {k: float((ref[k] - other[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12))
+                for k in ("lp", "dh", "dw")}
+        return {"max_rel_diff": diff, "ok": all(v < tol for v in diff.values()), "ms": other["ms"],
+                "peak_gib": other["peak_gib"]}
+
+    run("chunked")  # warm-up
+    chunked, full = run("chunked"), run("chunked", chunk_size=None)
+    out = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "chunked_vs_full": compare(full, chunked, 1e-3)}
+    out["chunked_vs_full"].update(full_ms=full["ms"], full_peak_gib=full["peak_gib"])
+    for kernel in ("cce", "liger"):
+        problem = kernel_problem(kernel, "cuda")
+        if problem:
+            out[kernel] = {"skipped": problem}
+            continue
+        run(kernel)
+        out[kernel] = compare(chunked, run(kernel), 1e-2)
+    out["ok"] = all(v.get("ok", True) for v in out.values() if isinstance(v, dict))
+    return out
+
+
+def check_flex_window(model, vocab: int, length: int = 4096, n: int = 1024) -> dict:
+    """Window scoring (every target sees exactly its last n tokens) with FlexAttention vs the sdpa kernel.
+    Both run bf16 attention; they differ by summation order only (max |Δ log p| well under 0.05 nats)."""
+    import torch
+
+    from lctw.scoring import ShortContext
+
+    ids = random_batch(vocab, length, 1)["input_ids"]
+    out = {}
+    for kernel in ("flex", "sdpa"):
+        short = ShortContext(n, length, mode="window", attention=kernel)
+        short.logprobs(model, ids)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out[kernel] = short.logprobs(model, ids)
+        torch.cuda.synchronize()
+        out[f"{kernel}_ms"] = 1e3 * (time.perf_counter() - start)
+    diff = float((out.pop("flex") - out.pop("sdpa")).abs().nan_to_num(0).max())
+    return {"ok": diff < 0.05, "max_abs_diff_nats": diff, "length": length, "n": n, **out}
+
+
+def time_steps(module, batch, optimizer, steps: int, warmup: int) -> dict:
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        module.training_step(batch, i).backward()
+        optimizer.step()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    med = statistics.median(times)
+    length = batch["input_ids"].shape[1]
+    return {"median_s": med, "tokens_per_s_per_gpu": length / med,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_smoke.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine. The CPU paths "
+              "are covered by the test suite (make test); run this script on a GPU node.", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO_ROOT))
+    import warnings
+
+    import torch.distributed as dist
+
+    from lctw.module import TokenWeightingLM
+    from lctw.scorers import FrozenScorer, NoScorer, SelfScorer
+    from lctw.weighting import Dense, Uniform
+
+    warnings.filterwarnings("ignore")  # self.log() outside a Trainer warns once per call site
+    mesh, rank, world = setup_distributed()
+    max_len = max(args.lengths)
+    theta = shard(build(args, max_len, seed=0).train(), mesh, not args.no_checkpointing)
+    vocab = theta.config.vocab_size
+    report = {"setup": {"gpus": world, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                        "model": args.model or "llama (from config)", "weights": args.weights,
+                        "params": sum(p.numel() for p in theta.parameters()), "loss": args.loss,
+                        "activation_checkpointing": not args.no_checkpointing},
+              "checks": {}, "figures": []}
+    checks = report["checks"]
+    checks["fsdp2"] = check_fsdp2(theta)
+    n0 = min(args.lengths) // args.n_ratio
+    uniform = TokenWeightingLM(theta, NoScorer(n0, min(args.lengths)), Uniform(), n=n0, loss=args.loss)
+    checks["fp32_masters"] = check_fp32_masters(uniform, random_batch(vocab, 1024, 0))
+    checks["loss_kernels"] = check_loss_kernels(theta.config.hidden_size, vocab)
+    checks["flex_window"] = check_flex_window(theta, vocab)
+    theta0 = None
+    if "frozen" in args.scorers:  # θ0: the same initial weights, sharded the same way, never trained
+        theta0 = shard(build(args, max_len, seed=0).eval().requires_grad_(False), mesh, False)
+    optimizer = torch.optim.AdamW([p for p in theta.parameters() if p.requires_grad], lr=1e-7)
+    for length in args.lengths:
+        n = length // args.n_ratio
+        scorers = {"none": (NoScorer(n, length), Uniform()),
+                   "self": (SelfScorer(n, length, mode="window", attention="auto"), Dense(0.75)),
+                   "frozen": (FrozenScorer(n, length).use(theta0) if theta0 is not None else None, Dense(0.75))}
+        batch = random_batch(vocab, length, 2)
+        base = None
+        for name in args.scorers.split(","):
+            scorer, weighting = scorers[name]
+            module = TokenWeightingLM(theta, scorer, weighting, n=n, loss=args.loss)
+            try:
+                row = time_steps(module, batch, optimizer, args.steps, args.warmup)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                row = {"oom": True}
+            base = row if name == "none" else base
+            if base and "median_s" in row and "median_s" in base:
+                row["vs_none"] = row["median_s"] / base["median_s"]
+            report["figures"].append({"N": length, "n": n, "scorer": name, **row})
+    if rank == 0:
+        print(json.dumps(report["setup"]))
+        for name, result in checks.items():
+            print(f"{name:<14}{'ok' if result['ok'] else 'FAILED'}  {json.dumps(result)}")
+        print(f"{'N':>6} {'n':>6} {'scorer':<8}{'step s':>9}{'tok/s/GPU':>11}{'peak GiB':>10}{'vs none':>9}")
+        for f in report["figures"]:
+            if f.get("oom"):
+                print(f"{f['N']:>6} {f['n']:>6} {f['scorer']:<8}  out of memory")
+                continue
+            print(f"{f['N']:>6} {f['n']:>6} {f['scorer']:<8}{f['median_s']:>9.3f}{f['tokens_per_s_per_gpu']:>11.0f}"
+                  f"{f['peak_gib']:>10.1f}{f.get('vs_none', 1.0):>9.3f}")
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2))
+    dist.destroy_process_group()
+    return 0 if all(c["ok"] for c in checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
