@@ -139,7 +139,7 @@ def check_fp32_masters(module, batch) -> dict:
     params = [p for p in module.model.parameters() if p.requires_grad]
     before = [p.detach().to_local().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0)
-    module.training_step(batch, 0).backward()
+    module.training_step(batch, 0)["loss"].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     changed = sum(int((p.detach().to_local() != b).sum()) for p, b in zip(params, before, strict=True))
@@ -223,7 +223,7 @@ def time_steps(module, batch, optimizer, steps: int, warmup: int) -> dict:
         torch.cuda.synchronize()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        module.training_step(batch, i).backward()
+        module.training_step(batch, i)["loss"].backward()
         optimizer.step()
         torch.cuda.synchronize()
         if i >= warmup:
