@@ -177,6 +177,23 @@ def test_wandb_sweep_commands_are_valid_train_commands(path):
         _check_job(compose(groups), keys)
 
 
+def test_a_nested_composition_keeps_the_job_name():
+    """The tiny base is composed inside a running job (lctw.base): the job keeps its name, hence its log
+    file (train.log), also when submitit pickles Hydra's state to requeue the job."""
+    from hydra.core.utils import JobRuntime
+
+    from lctw.base import compose as base_compose
+
+    runtime = JobRuntime.instance()
+    before = runtime.get("name")
+    runtime.set("name", "train")
+    try:
+        base_compose(["experiment=base"])
+        assert runtime.get("name") == "train"
+    finally:
+        runtime.set("name", before)
+
+
 def _env(cache_dir):
     return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
             "LCTW_CACHE": cache_dir, "HYDRA_FULL_ERROR": "1"}
@@ -200,7 +217,7 @@ def test_submitit_local_multirun_with_a_requeued_job(cache_dir, tmp_path):
     deadline = time.monotonic() + 600
     job0 = None
     while time.monotonic() < deadline and proc.poll() is None:
-        found = list(tmp_path.glob("outputs/multirun/*/0_*/checkpoints/last.ckpt"))
+        found = list(tmp_path.glob("outputs/multirun/*/0_*/checkpoints/last.ckpt.sha256"))
         if found:
             job0 = found[0].parent.parent
             pid = json.loads((job0 / "status.json").read_text())["pid"]
@@ -215,7 +232,7 @@ def test_submitit_local_multirun_with_a_requeued_job(cache_dir, tmp_path):
     assert [j["status"] for j in summary] == ["completed", "completed"]
     jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").exists())
     assert len(jobs) == 2 and job0 in jobs  # the requeued job finished in its own run directory
-    submitit_logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.err"))
+    submitit_logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.out"))
     assert "Requeued job" in submitit_logs
     log = (job0 / "train.log").read_text()
     assert "resuming from" in log and str(job0 / "checkpoints" / "last.ckpt") in log
