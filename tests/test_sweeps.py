@@ -239,7 +239,7 @@ def test_submitit_local_multirun_with_a_requeued_job(cache_dir, tmp_path):
     for job in jobs:
         metrics = json.loads((job / "metrics.json").read_text())
         assert math.isfinite(metrics["val/ce"]) and metrics["train/loss"] > 0
-        assert all(sweep.name.encode() in run.read_bytes() for run in _wandb_runs(job))  # the sweep's group
+        assert _wandb_runs(job) and all(sweep.name.encode() in run.read_bytes() for run in _wandb_runs(job))
     # the requeued job continues its W&B run: two offline segments, one run id
     run_id = (job0 / "wandb" / "run_id").read_text().strip()
     assert len(_wandb_runs(job0)) == 2 and all(run.name == f"run-{run_id}.wandb" for run in _wandb_runs(job0))
@@ -259,6 +259,8 @@ def test_optuna_study_of_two_trials(cache_dir, tmp_path):
     assert len(jobs) == 2
     values = [json.loads((job / "metrics.json").read_text())["val/ce_beyond_n"] for job in jobs]
     lams = [OmegaConf.load(job / ".hydra" / "config.yaml").weighting.lam for job in jobs]
+    assert all(_wandb_runs(job) and all(sweep.name.encode() in run.read_bytes() for run in _wandb_runs(job))
+               for job in jobs)  # every trial's W&B run is in the sweep's group
     assert len(set(lams)) == 2 and all(0 <= lam <= 1 for lam in lams)
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["best_value"] == min(values)
@@ -273,7 +275,9 @@ def test_optuna_study_of_two_trials(cache_dir, tmp_path):
 def test_a_failed_trial_does_not_stop_the_optuna_study(cache_dir, tmp_path):
     """A trial whose config is refused is recorded as failed; the other trial completes and is the best."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "train.py", "-m", "sweep=optuna_lam", "hydra/sweeper/sampler=grid",
+    # Optuna's random sampler with seed 0 draws 2.0 (refused: lam is in [0, 1]), then 0.5
+    cmd = [sys.executable, "train.py", "-m", "sweep=optuna_lam", "hydra/sweeper/sampler=random",
+           "hydra.sweeper.sampler.seed=0", "hydra.sweeper.n_trials=2",
            "hydra.sweeper.params={weighting.lam:'choice(0.5,2.0)'}", *QUICK, f"paths.cache={cache_dir}",
            f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(cache_dir), capture_output=True, text=True, timeout=600)
@@ -282,3 +286,4 @@ def test_a_failed_trial_does_not_stop_the_optuna_study(cache_dir, tmp_path):
     assert sorted(j["status"] for j in summary.values()) == ["completed", "failed"]
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["best_params"] == {"weighting.lam": 0.5}
+    assert "weighting.lam=2.0 is out of range" in summary["0"]["error"]
