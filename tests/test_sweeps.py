@@ -94,7 +94,7 @@ def test_slurm_launcher_renders_the_sbatch_script(tmp_path):
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
     from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
 
-    cfg = _hydra_compose(["hydra/launcher=slurm", "trainer=gpu", "trainer.devices=8", "+trainer.num_nodes=4",
+    cfg = _hydra_compose(["hydra/launcher=slurm", "trainer=gpu", "trainer.devices=8", "++trainer.num_nodes=4",
                           "hydra.launcher.partition=gpu", "hydra.launcher.account=lab"])
     launcher = instantiate(cfg.hydra.launcher)
     assert isinstance(launcher, SlurmLauncher)
