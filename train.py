@@ -4,19 +4,20 @@
     python train.py -m weighting=dense,sparse scorer=frozen,self
     python train.py experiment=base                          # the base stage θ0, as a run of its own
     python train.py experiment=paper_llama3 trainer=gpu
+    python train.py -m sweep=optuna_lam                      # Optuna minimises the returned `objective`
 """
 
 import hydra
 from omegaconf import DictConfig
 
 from lctw.experiment import run
-from lctw.jobs import run_job
+from lctw.jobs import objective, run_job
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     metrics = run_job(cfg, run)  # status.json in the run directory; a failed sweep job does not stop the sweep
-    return metrics.get("val/ce") if metrics else None
+    return objective(cfg, metrics)
 
 
 if __name__ == "__main__":

@@ -34,18 +34,22 @@ _NOT_IN_KEY = ("paths", "logger", "callbacks", "name", "validate_first", "ckpt_p
 
 @contextmanager
 def _project_hydra():
-    """Compose from the project's ``conf/`` whether or not a Hydra app (train.py) is running."""
+    """Compose from the project's ``conf/`` whether or not a Hydra app (train.py) is running. The app's
+    job name is restored too: Hydra keeps it in a singleton that a submitit job pickles when it is
+    requeued, and the requeued job would otherwise log to app.log instead of train.log."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import JobRuntime
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
-    backup = get_gh_backup()
+    backup, job_name = get_gh_backup(), JobRuntime.instance().get("name")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             yield
     finally:
         restore_gh_from_backup(backup)
+        JobRuntime.instance().set("name", job_name)
 
 
 def compose(overrides: list[str], config_name: str = "config") -> DictConfig:

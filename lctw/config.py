@@ -62,7 +62,9 @@ def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("div"):
         OmegaConf.register_new_resolver("div", lambda a, b: a / b)
     if not OmegaConf.has_resolver("run_token"):  # unique run directories (lctw.jobs)
-        OmegaConf.register_new_resolver("run_token", run_token)
+        # cached: Hydra copies a config's resolver cache into each job's config, so a job that runs in
+        # another process (submitit, or a requeued SLURM job) names the sweep directory as its launcher did
+        OmegaConf.register_new_resolver("run_token", run_token, use_cache=True)
 
 
 _register_resolvers()
@@ -70,7 +72,7 @@ _register_resolvers()
 # The top-level keys of conf/config.yaml (train.py, score.py) and conf/evaluate.yaml (eval.py); the
 # groups are checked against their targets' constructors instead.
 TRAIN_KEYS = {"n": int, "N": int, "seed": int, "name": str | None, "chunk_size": int | None,
-              "loss": Literal[tuple(KERNELS)],
+              "loss": Literal[tuple(KERNELS)], "objective": str,
               "validate_first": bool, "ckpt_path": str | None, "checkpoint_every": int}
 EVAL_KEYS = {"ckpt": str, "gguf_file": str | None, "dtype": Literal[tuple(DTYPES)], "device": str, "n": int,
              "N": int, "seed": int, "name": str | None, "chunk_size": int | None}
@@ -288,6 +290,9 @@ def check_keys(cfg: DictConfig, keys: dict[str, Any]) -> None:
         raise ConfigError(f"chunk_size={cfg.chunk_size} is out of range: allowed >= 1, or null (the full logits)")
     if cfg.get("checkpoint_every") is not None and cfg.checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every={cfg.checkpoint_every} is out of range: allowed >= 1 (optimizer steps)")
+    if cfg.get("objective") is not None and not re.fullmatch(r"(val|train|eval)/\S+", cfg.objective):
+        raise ConfigError(f"objective={cfg.objective} is not a metric name: allowed a key of metrics.json, e.g. "
+                          "val/ce, val/ce_beyond_n, val/ppl, train/loss, eval/ruler/average/<length>")
 
     def walk(node, key):
         if _is_target(node):

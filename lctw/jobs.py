@@ -90,6 +90,19 @@ def run_job(cfg: DictConfig, fn: Callable[[DictConfig], dict]) -> dict | None:
     return metrics
 
 
+def objective(cfg: DictConfig, metrics: dict | None) -> float | None:
+    """The value a sweeper optimises: the run's ``cfg.objective`` metric, or None when the run failed or
+    the value is missing or not finite. Optuna records a None as a failed trial and goes on; a NaN
+    would stop the study (the Hydra sweeper then tells Optuna the value of a failed trial)."""
+    value = (metrics or {}).get(cfg.objective)
+    if value is None or not math.isfinite(value):
+        if metrics is not None:
+            log.warning("objective %s is %s in this run's metrics: the sweeper counts the run as failed",
+                        cfg.objective, "missing" if value is None else value)
+        return None
+    return float(value)
+
+
 class SweepSummary(Callback):
     """At the end of a multirun: one line per job on the console and ``summary.{json,md}`` in the sweep
     directory; a sweep with a failed job then exits non-zero."""
