@@ -401,15 +401,24 @@ def check_scheduler(scheduler: DictConfig) -> None:
 
 def check_checkpoint(key: str, value: str) -> None:
     """A checkpoint file that exists, is readable and is what ``torch.save`` writes (a zip archive with
-    ``data.pkl``): checked from the file's directory, before anything is unpickled."""
+    ``data.pkl``): checked from the file's directory, before anything is unpickled. A sharded checkpoint
+    (``trainer=fsdp``: a directory) is checked through its ``meta.pt``."""
     path = Path(value).expanduser()
     if not path.exists():
         raise ConfigError(f"{key}={value!r} does not exist: give a checkpoint a run wrote "
                           "(<run dir>/checkpoints/last.ckpt)")
-    if not path.is_file():
-        raise ConfigError(f"{key}={value!r} is a directory, not a checkpoint file (<run dir>/checkpoints/last.ckpt)")
+    if path.is_dir():
+        from lctw.checkpoints import SHARDED_INDEX, SHARDED_META
+
+        if not (path / SHARDED_META).is_file() or not (path / SHARDED_INDEX).is_file():
+            raise ConfigError(f"{key}={value!r} is a directory, not a checkpoint file nor a sharded checkpoint "
+                              f"(it lacks {SHARDED_META} or {SHARDED_INDEX}): give <run dir>/checkpoints/last.ckpt")
+        path = path / SHARDED_META  # trainer=fsdp: the shards' metadata file is an ordinary checkpoint
+    elif not path.is_file():
+        raise ConfigError(f"{key}={value!r} is not a file: give a checkpoint a run wrote (<run dir>/checkpoints/last.ckpt)")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{key}={value!r} is not readable (file permissions)")
+    value = str(path)
     with path.open("rb") as fh:
         is_zip = zipfile.is_zipfile(fh)
     if not is_zip or not any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()):
@@ -527,13 +536,16 @@ def _warn_beyond_pretraining(scorer, model_spec) -> None:
 
 
 def check_model_path(key: str, value: str, gguf_file: str | None = None) -> None:
-    """``eval.py``'s ``ckpt``: a run directory, a Lightning ``.ckpt`` or a Hugging Face model directory that
-    exists, or a hub name (``org/name``, not checked: that needs the hub)."""
+    """``eval.py``'s ``ckpt``: a run directory, a Lightning ``.ckpt`` (a file, or a sharded checkpoint's
+    directory) or a Hugging Face model directory that exists, or a hub name (``org/name``, not checked: that needs the hub)."""
     path = Path(value).expanduser()
     if not path.exists():
         if is_local_path(value):
             raise ConfigError(f"{key}={value!r} does not exist: give a run directory, a Lightning .ckpt or a "
                               "Hugging Face model (a local directory or a hub name org/name)")
+        return
+    if path.is_dir() and path.suffix == ".ckpt":  # a sharded checkpoint (trainer=fsdp)
+        check_checkpoint(key, value)
         return
     if path.is_file():
         if path.suffix != ".ckpt":

@@ -27,6 +27,7 @@ from lctw.checkpoints import VerifiedCheckpointIO, check_resume
 from lctw.config import ConfigError, build, validate
 from lctw.jobs import read_metrics, write_metrics
 from lctw.module import TokenWeightingLM
+from lctw.distributed import gather_theta, is_sharded_module
 from lctw.theta import build_theta, save_theta
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,14 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics.update(before)
+        theta = module.model
+        if is_sharded_module(theta):  # trainer=fsdp: every rank gathers, rank 0 exports the full θ
+            full = gather_theta(theta)
+            if trainer.is_global_zero:
+                theta = build_theta(parts.model_spec, parts.context, weights=False)
+                theta.load_state_dict(full)
         if trainer.is_global_zero:
-            save_theta(module.model, parts.tokenizer, run_dir / "hf", config)
+            save_theta(theta, parts.tokenizer, run_dir / "hf", config)
             if cfg.get("eval"):
                 evaluation = build(cfg.eval, "eval")
                 metrics.update(evaluation(module.model, parts.tokenizer, run_dir / "eval", logger=logger,
