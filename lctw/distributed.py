@@ -65,7 +65,10 @@ def shard_model(model: torch.nn.Module, mesh, policy, reshard_after_forward: boo
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    setattr(model, LOGPROBS_METHOD, logprobs_in_forward.__get__(model))
+    def logprobs(self, *args, **kwargs):  # a copy, not a view: FSDP's backward hook survives in-place edits
+        return logprobs_in_forward(self, *args, **kwargs).clone()
+
+    setattr(model, LOGPROBS_METHOD, logprobs.__get__(model))
     register_fsdp_forward_method(model, LOGPROBS_METHOD)
     return model
 

@@ -31,8 +31,24 @@ def hf_model(cache_dir, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("trainer", ["cpu", "gpu"])
-def test_one_step_at_lr_2e5_moves_more_than_99_percent_of_the_weights(hf_model, cache_dir, tmp_path, trainer):
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """trainer=fsdp on one CPU rank runs in this process: Lightning initialises a process group and sets
+    MASTER_ADDR/MASTER_PORT; both are undone afterwards so that no other test sees them."""
+    import torch.distributed as dist
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ddp is the gpu config with strategy=ddp: the same precision; fsdp: one gloo rank, bf16 compute on fp32 shards
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "fsdp"])
+def test_one_step_at_lr_2e5_moves_more_than_99_percent_of_the_weights(hf_model, cache_dir, tmp_path, trainer,
+                                                                      one_process_group):
     overrides = [*RUN, "model=hf", f"model.name_or_path={hf_model}", "model.gradient_checkpointing=false",
                  "scorer=none", "weighting=uniform", f"trainer={trainer}", "trainer.accelerator=cpu",
                  "trainer.devices=1", "trainer.max_steps=1", "trainer.accumulate_grad_batches=1",
