@@ -142,9 +142,13 @@ class FSDP2Strategy(ModelParallelStrategy):
 def _load_sharded(path: Path, model, optimizers, weights_only: bool | None) -> dict:
     """Lightning's sharded load, for the model keys the checkpoint holds: θ' (``scorer.``) may be absent."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     saved = {k.removeprefix("state_dict.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
     state = get_model_state_dict(model)

@@ -25,9 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from lctw import loggers
 from lctw.checkpoints import VerifiedCheckpointIO, check_resume
 from lctw.config import ConfigError, build, validate
+from lctw.distributed import gather_theta, is_sharded_module
 from lctw.jobs import read_metrics, write_metrics
 from lctw.module import TokenWeightingLM
-from lctw.distributed import gather_theta, is_sharded_module
 from lctw.theta import build_theta, save_theta
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,10 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
                 cb.dirpath = str(run_dir / "checkpoints")
         trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
                               default_root_dir=str(run_dir), plugins=[VerifiedCheckpointIO()])
+        per_device = cfg.data.get("batch_size", 1)
+        log.info("effective batch: %d sequences per optimizer step = %d per device × %d devices × %d accumulation",
+                 per_device * trainer.world_size * trainer.accumulate_grad_batches, per_device, trainer.world_size,
+                 trainer.accumulate_grad_batches)
         before = read_metrics(run_dir / "metrics.json", suffix="_before")  # measured before an interruption
         if cfg.get("validate_first") and ckpt_path is None:
             # θ right after context extension, before any training: the baseline the run improves on

@@ -8,8 +8,11 @@ the parameter change the gradient itself.
 """
 
 import functools
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -22,9 +25,9 @@ from lctw.config import ConfigError, validate_evaluation
 from lctw.consolidate import consolidate
 from lctw.distributed import FSDP2Strategy, decoder_layers, gather_theta
 from lctw.experiment import run
-from lctw.theta import load_theta
 from lctw.module import TokenWeightingLM
 from lctw.scorers import SelfScorer
+from lctw.theta import load_theta
 from lctw.weighting import Dense
 
 LENGTHS = [12, 5, 9, 3]  # tokens per sequence (BOS included); the rest of the 12 positions is padding
@@ -60,7 +63,7 @@ def one_step(batch_size: int, accumulate: int = 1, devices: int = 1, strategy="a
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         precision="32-true")
     trainer.fit(module, DataLoader(rows(), batch_size=batch_size, shuffle=False))
-    theta = gather_theta(module.model) if devices > 1 else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    theta = gather_theta(module.model) if devices > 1 else {k: v.clone() for k, v in model.state_dict().items()}
     return theta, module.sums
 
 
@@ -153,3 +156,30 @@ def test_fsdp_run_writes_sharded_checkpoints_that_resume_and_consolidate(hf_mode
     (tmp_path / "empty.ckpt").mkdir()
     with pytest.raises(ConfigError, match="nor a sharded checkpoint"):
         validate_evaluation(compose([f"ckpt={tmp_path / 'empty.ckpt'}"], config_name="evaluate"))
+
+
+@pytest.mark.slow  # about 3 minutes on 2 loaded cores: 2 ranks x 3 commands, each importing everything
+def test_train_fsdp_on_two_ranks_resumes_and_consolidates(cache_dir, tmp_path):
+    """The documented commands: train.py trainer=fsdp on 2 gloo ranks (frozen scorer θ0 sharded too), the
+    same command resumed from the sharded last.ckpt, then python -m lctw.consolidate."""
+    from conftest import ROOT, SMALL
+    from safetensors.torch import load_file
+
+    run_dir, out = tmp_path / "run", tmp_path / "consolidated"
+    base = [sys.executable, "train.py", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+            *[o for o in SMALL if not o.startswith("logger.")],
+            "trainer.accumulate_grad_batches=1", "checkpoint_every=1", "trainer.val_check_interval=2",
+            "logger=none", f"paths.cache={cache_dir}", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
+    for steps in (2, 3):  # the second command finds last.ckpt in the run directory and resumes
+        proc = subprocess.run([*base, f"trainer.max_steps={steps}"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert torch.load(run_dir / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == steps
+    assert "Restored all states from the checkpoint" in proc.stderr + proc.stdout
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    cmd = [sys.executable, "-m", "lctw.consolidate", str(run_dir / "checkpoints" / "last.ckpt"), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported, consolidated = load_file(run_dir / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(exported[k], consolidated[k]) for k in exported)
