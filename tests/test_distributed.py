@@ -63,8 +63,9 @@ def one_step(batch_size: int, accumulate: int = 1, devices: int = 1, strategy="a
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         precision="32-true")
     trainer.fit(module, DataLoader(rows(), batch_size=batch_size, shuffle=False))
-    theta = gather_theta(module.model) if devices > 1 else {k: v.clone() for k, v in model.state_dict().items()}
-    return theta, module.sums
+    if isinstance(strategy, FSDP2Strategy):
+        return gather_theta(module.model), module.sums
+    return {k: v.clone() for k, v in model.state_dict().items()}, module.sums
 
 
 def test_accumulated_micro_batches_equal_the_larger_batch():
@@ -88,19 +89,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, port: int, out: str) -> None:
+def _rank(rank: int, port: int, out: str, strategy: str) -> None:
     """One of 2 gloo ranks, launched by the test (so Lightning does not re-run pytest's command line)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
                       LOCAL_RANK=str(rank), RANK=str(rank))
     torch.set_num_threads(1)
-    theta, sums = one_step(batch_size=2, devices=2, strategy=FSDP2Strategy(param_dtype="float32"))
+    chosen = FSDP2Strategy(param_dtype="float32") if strategy == "fsdp" else strategy
+    theta, sums = one_step(batch_size=2, devices=2, strategy=chosen)
     torch.save({"theta": theta, "sums": sums}, os.path.join(out, f"rank{rank}.pt"))
 
 
-@pytest.mark.slow  # about 50 s on 2 loaded cores: each spawned rank imports torch, Lightning and transformers
-def test_two_fsdp_ranks_equal_one_process(tmp_path):
-    """2 FSDP2 ranks x 2 sequences == 1 process x 4 sequences: the same loss, the same update."""
-    torch.multiprocessing.start_processes(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+@pytest.mark.slow  # about 50 s each on 2 loaded cores: each spawned rank imports torch, Lightning and transformers
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_ranks_equal_one_process(tmp_path, strategy):
+    """2 ranks x 2 sequences == 1 process x 4 sequences: the same loss, the same update (FSDP2 and DDP)."""
+    torch.multiprocessing.start_processes(_rank, args=(_free_port(), str(tmp_path), strategy), nprocs=2,
+                                          start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     big, big_sums = one_step(batch_size=4)
     for k in big:
