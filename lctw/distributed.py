@@ -23,13 +23,17 @@ states and the head's weight, so no (T, V) logits exist), so the log-probs are r
 forward method: FSDP then all-gathers the root's parameters (the head) for it and reduce-scatters their
 gradients after backward, exactly as for ``forward``.
 
-On the CPU (gloo) this runs with ``trainer.accelerator=cpu trainer.devices=2``; there θ' is loaded in
-full on each rank's host memory before it is sharded (models are loaded before the strategy starts).
+Only rank 0 loads weights: the other ranks build θ and θ' on the meta device (:func:`receives_weights`,
+no memory), and after ``fully_shard`` every rank receives its shards from rank 0's full copy
+(``set_model_state_dict(..., broadcast_from_rank0=True)``). So no model is ever whole on a GPU, and
+host memory holds one copy of θ and θ' (rank 0's), not one per rank. On the CPU (gloo) all of
+this runs with ``trainer.accelerator=cpu trainer.devices=2``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -111,10 +115,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self.activation_checkpointing and not getattr(theta, "is_gradient_checkpointing", False):
             theta.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             theta.config.use_cache = False
-        shard_model(theta, mesh, policy, self.reshard_after_forward)
         scorer_model = getattr(module.scorer, "model", None)
-        if scorer_model is not None and scorer_model is not theta:
-            shard_model(scorer_model, mesh, policy, self.reshard_after_forward)
+        for model in (theta, scorer_model if scorer_model is not theta else None):
+            if model is None or is_sharded_module(model):
+                continue
+            full = model.state_dict() if self.global_rank == 0 else None  # rank 0's weights, before sharding
+            shard_model(model, mesh, policy, self.reshard_after_forward)
+            if self.world_size > 1:
+                _broadcast_from_rank0(model, full, self.root_device)
 
     # -- checkpoints: a directory per checkpoint (torch.distributed.checkpoint), hashed per file --------
 
@@ -190,6 +198,33 @@ def read_sharded_theta(model: torch.nn.Module, path: Path) -> None:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors of θ (e.g. {missing[0]}): it was written "
                          "for another model")
     dcp.load({"state_dict": state}, checkpoint_id=path, no_dist=True)
+
+
+def receives_weights(trainer_cfg) -> bool:
+    """Whether this process builds θ and θ' without weights (meta device) and receives them from rank 0 when
+    they are sharded: a non-zero rank of ``trainer=fsdp``. The rank is read before Lightning starts, from
+    what started the process: torchrun's ``RANK``, SLURM's ``SLURM_PROCID``, or the ``LOCAL_RANK`` and
+    ``NODE_RANK`` Lightning gives the ranks it launches (its first process has none)."""
+    strategy = trainer_cfg.get("strategy") if trainer_cfg is not None else None
+    if not hasattr(strategy, "get") or strategy.get("_target_") != f"{__name__}.FSDP2Strategy":
+        return False
+    return any(os.environ.get(k, "0") != "0" for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _broadcast_from_rank0(model: torch.nn.Module, full: dict | None, device: torch.device) -> None:
+    """After ``fully_shard``: every rank's shards from rank 0's full weights (``full``, None elsewhere).
+    A model built on the meta device gets memory first, and its rotary embeddings (non-persistent
+    buffers, not in a state dict) are computed again from its config."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from lctw.context import _rebuild_rotary
+
+    was_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    if was_meta:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if was_meta:
+        _rebuild_rotary(model)
 
 
 def is_sharded_module(module: torch.nn.Module) -> bool:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from lctw import loggers
 from lctw.checkpoints import VerifiedCheckpointIO, check_resume
 from lctw.config import ConfigError, build, validate
-from lctw.distributed import gather_theta, is_sharded_module
+from lctw.distributed import gather_theta, is_sharded_module, receives_weights
 from lctw.jobs import read_metrics, write_metrics
 from lctw.module import TokenWeightingLM
 from lctw.theta import build_theta, save_theta
@@ -68,8 +68,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
 
         scorer = attach(cfg, parts, datamodule)
     try:
-        model = build_theta(parts.model_spec, parts.context)
-        scorer.setup(parts.model_spec)
+        meta = receives_weights(cfg.trainer)  # trainer=fsdp: only rank 0 loads weights, the others get its shards
+        model = build_theta(parts.model_spec, parts.context, meta=meta)
+        scorer.setup(parts.model_spec, meta=meta)
         config = OmegaConf.to_container(cfg, resolve=True)
         logger = loggers.build(cfg, run_dir)
         module = TokenWeightingLM(model, scorer, parts.weighting, n=cfg.n, optimizer=instantiate(cfg.optimizer),

@@ -22,9 +22,14 @@ THETA = "model"  # θ's attribute in the LightningModule, so its checkpoint keys
 RUN_CONFIG = "lctw.yaml"  # the run's resolved config beside an exported θ
 
 
-def build_theta(model_spec, context, weights: bool = True) -> torch.nn.Module:
-    """θ = the spec's model with its context extended (n -> N), in train mode."""
-    model = model_spec.load(weights=weights)
+def build_theta(model_spec, context, weights: bool = True, meta: bool = False) -> torch.nn.Module:
+    """θ = the spec's model with its context extended (n -> N), in train mode. ``meta``: the architecture
+    on the meta device, no memory (a rank that receives θ's weights when sharding, :mod:`lctw.distributed`)."""
+    if meta:
+        with torch.device("meta"):
+            model = model_spec.load(weights=False)
+    else:
+        model = model_spec.load(weights=weights)
     context.apply(model)
     return model.train()  # from_pretrained returns eval mode; gradient checkpointing only acts in train mode
 

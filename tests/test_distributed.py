@@ -7,6 +7,7 @@ differ from the batch's mean: the tests would catch it. One plain SGD step at lr
 the parameter change the gradient itself.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -52,9 +53,11 @@ class Recording(TokenWeightingLM):
         return out
 
 
-def one_step(batch_size: int, accumulate: int = 1, devices: int = 1, strategy="auto"):
-    """θ after one SGD step (lr 1) on the 4 sequences, and this rank's (Σ w·CE, targets) per micro-batch."""
-    model = tiny_llama(layers=2, vocab=64, seed=0).train()
+def one_step(batch_size: int, accumulate: int = 1, devices: int = 1, strategy="auto", meta: bool = False):
+    """θ after one SGD step (lr 1) on the 4 sequences, and this rank's (Σ w·CE, targets) per micro-batch.
+    ``meta``: θ built without weights, on the meta device (it receives rank 0's when it is sharded)."""
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = tiny_llama(layers=2, vocab=64, seed=0).train()
     module = Recording(model, SelfScorer(n=4, max_len=12), Dense(lam=0.5), n=4,
                        optimizer=functools.partial(torch.optim.SGD, lr=1.0), chunk_size=5)
     module.sums = []
@@ -94,15 +97,16 @@ def _rank(rank: int, port: int, out: str, strategy: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
                       LOCAL_RANK=str(rank), RANK=str(rank))
     torch.set_num_threads(1)
-    chosen = FSDP2Strategy(param_dtype="float32") if strategy == "fsdp" else strategy
-    theta, sums = one_step(batch_size=2, devices=2, strategy=chosen)
+    chosen = FSDP2Strategy(param_dtype="float32") if strategy.startswith("fsdp") else strategy
+    theta, sums = one_step(batch_size=2, devices=2, strategy=chosen, meta=strategy == "fsdp-meta" and rank == 1)
     torch.save({"theta": theta, "sums": sums}, os.path.join(out, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow  # about 50 s each on 2 loaded cores: each spawned rank imports torch, Lightning and transformers
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp-meta", "ddp"])
 def test_two_ranks_equal_one_process(tmp_path, strategy):
-    """2 ranks x 2 sequences == 1 process x 4 sequences: the same loss, the same update (FSDP2 and DDP)."""
+    """2 ranks x 2 sequences == 1 process x 4 sequences: the same loss, the same update (FSDP2 and DDP).
+    fsdp-meta: rank 1 builds θ on the meta device and receives its shards from rank 0, as trainer=fsdp does."""
     torch.multiprocessing.start_processes(_rank, args=(_free_port(), str(tmp_path), strategy), nprocs=2,
                                           start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
