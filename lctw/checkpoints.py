@@ -7,6 +7,12 @@ clear refusal, naming the file, of a checkpoint that is truncated, edited or fro
 * :func:`check_resume` runs before any model loads: the file exists, matches its hash, is a readable
   checkpoint, and was written for the same θ (model, context extension, n, N); other differences
   (learning rate, weighting, ...) are allowed and logged.
+* A sharded checkpoint (``trainer=fsdp``, :mod:`lctw.distributed`) is a directory: the shards of
+  ``torch.distributed.checkpoint`` and ``meta.pt`` (everything but the model and optimizer states).
+  Every file gets its ``<file>.sha256``, written by the rank that hashed it (the files are shared out
+  over the ranks, :func:`hash_share`); before any model loads, :func:`check_resume` verifies ``meta.pt``
+  and the shards' index (small files), and each rank verifies its share of the shards when the strategy
+  loads them (:func:`verify_share`), so no rank reads the whole checkpoint twice.
 """
 
 from __future__ import annotations
@@ -61,6 +67,35 @@ def verify(path) -> None:
     _VERIFIED[str(path)] = (stat.st_size, stat.st_mtime_ns)
 
 
+SHARDED_META = "meta.pt"  # Lightning's name for a sharded checkpoint's metadata file
+SHARDED_INDEX = ".metadata"  # torch.distributed.checkpoint's index of the shards
+
+
+def is_sharded(path) -> bool:
+    """A sharded checkpoint: a directory with Lightning's ``meta.pt``."""
+    return Path(path).is_dir() and (Path(path) / SHARDED_META).is_file()
+
+
+def _files(path: Path) -> list[Path]:
+    return sorted(f for f in path.iterdir() if f.is_file() and not f.name.endswith(".sha256"))
+
+
+def hash_share(path: Path, rank: int, world: int) -> None:
+    """Write ``<file>.sha256`` for this rank's share of a sharded checkpoint's files (every world-th)."""
+    for f in _files(path)[rank::world]:
+        _sidecar(f).write_text(file_sha256(f))
+
+
+def verify_share(path: Path, rank: int, world: int) -> str | None:
+    """Verify this rank's share of a sharded checkpoint's files; the first problem, or None."""
+    try:
+        for f in _files(path)[rank::world]:
+            verify(f)
+    except (FileNotFoundError, ValueError) as err:
+        return str(err)
+    return None
+
+
 def read(path, **kwargs) -> dict:
     """``torch.load(weights_only=True)``; an unreadable file is refused by name."""
     try:
@@ -89,6 +124,11 @@ def check_resume(path, cfg: DictConfig) -> None:
     from lctw.config import ConfigError
 
     try:
+        if Path(path).is_dir():
+            if not is_sharded(path):
+                raise ValueError(f"checkpoint {path} is a directory without {SHARDED_META}: not a sharded checkpoint")
+            verify(Path(path) / SHARDED_INDEX)
+            path = Path(path) / SHARDED_META
         verify(path)
         checkpoint = read(path, mmap=True)
     except (FileNotFoundError, ValueError) as err:

@@ -65,6 +65,37 @@ def _register_resolvers() -> None:
         # cached: Hydra copies a config's resolver cache into each job's config, so a job that runs in
         # another process (submitit, or a requeued SLURM job) names the sweep directory as its launcher did
         OmegaConf.register_new_resolver("run_token", run_token, use_cache=True)
+    if not OmegaConf.has_resolver("accumulation"):  # the paper's 16 sequences per step on any number of GPUs
+        OmegaConf.register_new_resolver("accumulation", accumulation)
+
+
+def ranks(devices, num_nodes) -> int:
+    """Processes that train in parallel: devices per node (``-1``/``auto``: the GPUs torch sees) × nodes."""
+    if isinstance(devices, (list, ListConfig)):
+        per_node = len(devices)
+    elif devices in (-1, "-1", "auto"):
+        import torch
+
+        per_node = torch.cuda.device_count()
+        if per_node == 0:
+            raise ConfigError(f"trainer.devices={devices!r} means every GPU, but torch sees none on this machine: "
+                              "give the number of GPUs per node, trainer.devices=<int>")
+    elif isinstance(devices, str):
+        per_node = len([p for p in devices.split(",") if p.strip()]) if "," in devices else int(devices)
+    else:
+        per_node = int(devices)
+    return per_node * int(num_nodes or 1)
+
+
+def accumulation(global_batch: int, batch_size: int, devices, num_nodes) -> int:
+    """``${accumulation:${global_batch},${data.batch_size},${trainer.devices},${trainer.num_nodes}}``:
+    the gradient accumulation that makes a step ``global_batch`` sequences, batch_size × ranks × accumulation."""
+    per_step = int(batch_size) * ranks(devices, num_nodes)
+    if per_step < 1 or global_batch % per_step:
+        raise ConfigError(f"global_batch={global_batch} sequences per step is not a multiple of data.batch_size="
+                          f"{batch_size} × {ranks(devices, num_nodes)} ranks (trainer.devices={devices} × "
+                          f"trainer.num_nodes={num_nodes}) = {per_step}: change data.batch_size or the number of GPUs")
+    return global_batch // per_step
 
 
 _register_resolvers()
@@ -72,7 +103,7 @@ _register_resolvers()
 # The top-level keys of conf/config.yaml (train.py, score.py) and conf/evaluate.yaml (eval.py); the
 # groups are checked against their targets' constructors instead.
 TRAIN_KEYS = {"n": int, "N": int, "seed": int, "name": str | None, "chunk_size": int | None,
-              "loss": Literal[tuple(KERNELS)], "objective": str,
+              "loss": Literal[tuple(KERNELS)], "objective": str, "global_batch": int | None,
               "validate_first": bool, "ckpt_path": str | None, "checkpoint_every": int}
 EVAL_KEYS = {"ckpt": str, "gguf_file": str | None, "dtype": Literal[tuple(DTYPES)], "device": str, "n": int,
              "N": int, "seed": int, "name": str | None, "chunk_size": int | None}
@@ -422,15 +453,25 @@ def check_scheduler(scheduler: DictConfig) -> None:
 
 def check_checkpoint(key: str, value: str) -> None:
     """A checkpoint file that exists, is readable and is what ``torch.save`` writes (a zip archive with
-    ``data.pkl``): checked from the file's directory, before anything is unpickled."""
+    ``data.pkl``): checked from the file's directory, before anything is unpickled. A sharded checkpoint
+    (``trainer=fsdp``: a directory) is checked through its ``meta.pt``."""
     path = Path(value).expanduser()
     if not path.exists():
         raise ConfigError(f"{key}={value!r} does not exist: give a checkpoint a run wrote "
                           "(<run dir>/checkpoints/last.ckpt)")
-    if not path.is_file():
-        raise ConfigError(f"{key}={value!r} is a directory, not a checkpoint file (<run dir>/checkpoints/last.ckpt)")
+    if path.is_dir():
+        from lctw.checkpoints import SHARDED_INDEX, SHARDED_META
+
+        if not (path / SHARDED_META).is_file() or not (path / SHARDED_INDEX).is_file():
+            raise ConfigError(f"{key}={value!r} is a directory, not a checkpoint file nor a sharded checkpoint "
+                              f"(it lacks {SHARDED_META} or {SHARDED_INDEX}): give <run dir>/checkpoints/last.ckpt")
+        path = path / SHARDED_META  # trainer=fsdp: the shards' metadata file is an ordinary checkpoint
+    elif not path.is_file():
+        raise ConfigError(f"{key}={value!r} is not a file: give a checkpoint a run wrote "
+                          "(<run dir>/checkpoints/last.ckpt)")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{key}={value!r} is not readable (file permissions)")
+    value = str(path)
     with path.open("rb") as fh:
         is_zip = zipfile.is_zipfile(fh)
     if not is_zip or not any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()):
@@ -459,6 +500,80 @@ def check_device(key: str, value: str) -> None:
     if device.index is not None and device.index >= count:
         raise ConfigError(f"{key}={value} is out of range: torch sees {count} {device.type} device(s) on this "
                           f"machine; allowed {device.type}:0 … {device.type}:{count - 1}")
+
+
+def _launches_ranks(trainer: DictConfig) -> bool:
+    """Whether Lightning would start the ranks itself by re-running this command (its subprocess launcher:
+    ddp, fsdp and model-parallel strategies on more than one device or node, unless a cluster or torchrun
+    started the processes)."""
+    strategy = trainer.get("strategy", "auto")
+    name = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    if not any(k in name.lower() for k in ("ddp", "fsdp", "modelparallel")) or name.startswith("ddp_spawn"):
+        return False
+    if any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID")):
+        return False
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+    return nodes > 1 or devices not in (1, "1") and not (isinstance(devices, ListConfig) and len(devices) == 1)
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """A local ``-m`` sweep cannot run a multi-rank trainer: Lightning starts the other ranks by re-running
+    the command line, ``-m`` included, so each rank would start the whole sweep again. Refused before
+    anything loads, with the ways that work (README, "Several GPUs on one machine")."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or "BasicLauncher" not in str(hydra_cfg.launcher.get("_target_", "")):
+        return
+    if _launches_ranks(cfg.trainer):
+        raise ConfigError(
+            f"trainer.strategy with trainer.devices={cfg.trainer.get('devices')} in a local -m sweep: Lightning starts "
+            "the other ranks by re-running this command, -m included, so every rank would run the whole sweep. Run "
+            "the grid as one command per point (e.g. `for lam in 0.25 0.5 0.75; do python train.py trainer=fsdp "
+            "weighting.lam=$lam; done`), or through a launcher that starts the ranks itself (hydra/launcher=slurm), "
+            "or with trainer.devices=1"
+        )
+
+
+def _resolve_accumulation(cfg: DictConfig) -> None:
+    """The ``${accumulation:...}`` resolver's refusal as the ConfigError it is (OmegaConf wraps it)."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    prefix = "ConfigError raised while resolving interpolation: "
+    try:
+        (cfg.get("trainer") or {}).get("accumulate_grad_batches")
+    except InterpolationResolutionError as err:
+        if str(err).startswith(prefix):
+            raise ConfigError(str(err).removeprefix(prefix).splitlines()[0]) from None
+        raise
+
+
+def check_batch(cfg: DictConfig) -> None:
+    """``global_batch`` (sequences per optimizer step, when set) = data.batch_size × ranks × accumulation;
+    the effective batch is logged by :func:`lctw.experiment.run`."""
+    if cfg.get("global_batch") is None or cfg.get("data") is None:
+        return
+    per_device, accumulate = cfg.data.get("batch_size", 1), cfg.trainer.get("accumulate_grad_batches", 1)
+    if not _machine_devices_known(cfg.trainer):
+        return
+    total = per_device * ranks(cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)) * accumulate
+    if total != cfg.global_batch:
+        raise ConfigError(f"global_batch={cfg.global_batch} but data.batch_size={per_device} × "
+                          f"{total // (per_device * accumulate)} ranks × trainer.accumulate_grad_batches={accumulate} "
+                          f"= {total} sequences per step: leave trainer.accumulate_grad_batches to the "
+                          "${accumulation:...} interpolation, or set global_batch=null")
+
+
+def _machine_devices_known(trainer: DictConfig) -> bool:
+    """``devices=-1`` counts the GPUs of the machine that trains; on one without GPUs it cannot be checked."""
+    if trainer.get("devices") not in (-1, "-1", "auto"):
+        return True
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # -- the entry points ----------------------------------------------------------------------------
@@ -497,6 +612,7 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
         raise ConfigError(f"{what} needs a fixed scorer: allowed scorer=frozen or scorer=small (scorer="
                           f"{scorer_class.name} changes during training or has no scores, so its log-probs cannot "
                           "be cached)")
+    _resolve_accumulation(cfg)
     check_keys(cfg, TRAIN_KEYS)
     check_lengths(cfg)
     if cfg.get("nonfinite") is not None:
@@ -509,6 +625,9 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
     if cfg.get("trainer") is not None:
         check_trainer(cfg.trainer, machine=not for_cache)
         check_loss(cfg.get("loss", "auto"), cfg.trainer)
+        if not for_cache:
+            check_batch(cfg)
+            check_launch(cfg)
     if cfg.get("scheduler") is not None:
         check_scheduler(cfg.scheduler)
     if cfg.get("ckpt_path") and cfg.ckpt_path != "last" and "://" not in cfg.ckpt_path:  # remote: Lightning reads it
@@ -520,6 +639,10 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
         raise ConfigError(f"weighting={weighting.name} needs a scorer: scorer=none allows only weighting=uniform")
     model_spec = build(cfg.model, "model")
     if cfg.get("eval"):
+        strategy = (cfg.get("trainer") or {}).get("strategy")
+        if isinstance(strategy, DictConfig) and strategy.get("_target_") == "lctw.distributed.FSDP2Strategy":
+            raise ConfigError("eval is not run inside a trainer=fsdp run (θ is sharded over the ranks): set eval=null "
+                              "and evaluate the exported θ afterwards, python eval.py ckpt=<run dir> eval=<name>")
         build(cfg.eval, "eval")  # the evaluation's options are checked before training starts
     build(cfg.data, "data")  # its constructor checks its options; the documents are read later
     if scorer.fixed:
@@ -549,13 +672,17 @@ def _warn_beyond_pretraining(scorer, model_spec) -> None:
 
 
 def check_model_path(key: str, value: str, gguf_file: str | None = None) -> None:
-    """``eval.py``'s ``ckpt``: a run directory, a Lightning ``.ckpt`` or a Hugging Face model directory that
-    exists, or a hub name (``org/name``, not checked: that needs the hub)."""
+    """``eval.py``'s ``ckpt``: a run directory, a Lightning ``.ckpt`` (a file, or a sharded checkpoint's
+    directory) or a Hugging Face model directory that exists, or a hub name (``org/name``, not checked: that
+    needs the hub)."""
     path = Path(value).expanduser()
     if not path.exists():
         if is_local_path(value):
             raise ConfigError(f"{key}={value!r} does not exist: give a run directory, a Lightning .ckpt or a "
                               "Hugging Face model (a local directory or a hub name org/name)")
+        return
+    if path.is_dir() and path.suffix == ".ckpt":  # a sharded checkpoint (trainer=fsdp)
+        check_checkpoint(key, value)
         return
     if path.is_file():
         if path.suffix != ".ckpt":

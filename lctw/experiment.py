@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from lctw import loggers
 from lctw.checkpoints import VerifiedCheckpointIO, check_resume
 from lctw.config import ConfigError, build, validate
+from lctw.distributed import gather_theta, is_sharded_module, receives_weights
 from lctw.jobs import read_metrics, write_metrics
 from lctw.module import TokenWeightingLM
 from lctw.theta import build_theta, save_theta
@@ -67,8 +68,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
 
         scorer = attach(cfg, parts, datamodule)
     try:
-        model = build_theta(parts.model_spec, parts.context)
-        scorer.setup(parts.model_spec)
+        meta = receives_weights(cfg.trainer)  # trainer=fsdp: only rank 0 loads weights, the others get its shards
+        model = build_theta(parts.model_spec, parts.context, meta=meta)
+        scorer.setup(parts.model_spec, meta=meta)
         config = OmegaConf.to_container(cfg, resolve=True)
         logger = loggers.build(cfg, run_dir)
         module = TokenWeightingLM(model, scorer, parts.weighting, n=cfg.n, optimizer=instantiate(cfg.optimizer),
@@ -81,6 +83,10 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
                 cb.dirpath = str(run_dir / "checkpoints")
         trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
                               default_root_dir=str(run_dir), plugins=[VerifiedCheckpointIO()])
+        per_device = cfg.data.get("batch_size", 1)
+        log.info("effective batch: %d sequences per optimizer step = %d per device × %d devices × %d accumulation",
+                 per_device * trainer.world_size * trainer.accumulate_grad_batches, per_device, trainer.world_size,
+                 trainer.accumulate_grad_batches)
         before = read_metrics(run_dir / "metrics.json", suffix="_before")  # measured before an interruption
         if cfg.get("validate_first") and ckpt_path is None:
             # θ right after context extension, before any training: the baseline the run improves on
@@ -91,8 +97,14 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics.update(before)
+        theta = module.model
+        if is_sharded_module(theta):  # trainer=fsdp: every rank gathers, rank 0 exports the full θ
+            full = gather_theta(theta)
+            if trainer.is_global_zero:
+                theta = build_theta(parts.model_spec, parts.context, weights=False)
+                theta.load_state_dict(full)
         if trainer.is_global_zero:
-            save_theta(module.model, parts.tokenizer, run_dir / "hf", config)
+            save_theta(theta, parts.tokenizer, run_dir / "hf", config)
             if cfg.get("eval"):
                 evaluation = build(cfg.eval, "eval")
                 metrics.update(evaluation(module.model, parts.tokenizer, run_dir / "eval", logger=logger,

@@ -1,6 +1,16 @@
 """The LightningModule: θ with its context extension, a scorer and a weighting, trained on
 L = Σ_valid w_i · CE_i / (number of valid targets), weights detached.
 
+"The batch" of that definition is the optimizer step's: all its micro-batches (gradient accumulation)
+on all ranks. Each micro-batch backpropagates its unnormalised sum Σ w_i · CE_i, and
+:meth:`TokenWeightingLM.on_before_optimizer_step` divides the gradients by the step's valid targets,
+summed over micro-batches and ranks (one all-reduce of a scalar). So 2 ranks × b sequences, or b
+sequences × 2 accumulated micro-batches, give exactly the gradient of one batch of 2b sequences, even
+when padding leaves the micro-batches with different numbers of valid targets (a mean of per-micro-batch
+means would weight each target by 1/its micro-batch's count). Weights are normalised per sequence by
+the weighting, and a sequence is never split across ranks or micro-batches, so this is the method's L.
+``train/loss`` logs each micro-batch's own mean.
+
 The parts arrive already built (:func:`lctw.experiment.run`): θ with its context extension
 (:func:`lctw.theta.build_theta`), the scorer with its θ' loaded (a frozen θ0 keeps its original RoPE,
 because it is loaded from the spec, not extended).
@@ -33,6 +43,7 @@ import torch
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
+from lctw.distributed import local
 from lctw.loss import weighted_loss
 from lctw.scorers import NoScorer, Scorer
 from lctw.scoring import model_logprobs
@@ -103,6 +114,13 @@ class TokenWeightingLM(L.LightningModule):
         self.nonfinite, self.max_skipped = nonfinite, max_skipped
         self.skipped_steps = 0  # saved in checkpoints: a resumed run keeps counting
         self._window_faulty = False  # a micro-batch of this accumulation window was skipped
+        self._window_targets = 0  # valid targets this rank has backpropagated since the last optimizer step
+
+    def configure_model(self) -> None:
+        """Sharding, where the strategy does it (``trainer=fsdp``: :class:`lctw.distributed.FSDP2Strategy`)."""
+        shard = getattr(self.trainer.strategy, "shard", None) if self._trainer is not None else None
+        if shard is not None:
+            shard(self)
 
     def _fault(self, what: str) -> None:
         """Count a skipped step, or stop: the policy of the module docstring."""
@@ -126,10 +144,10 @@ class TokenWeightingLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """θ' is rebuilt from its spec on resume; a checkpoint holds it only if ``scorer.save`` asks.
         A checkpoint is never written with non-finite parameters."""
-        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise FloatingPointError(f"not saving a checkpoint: {len(bad)} parameters of θ are not finite "
-                                     f"(e.g. {bad[0]}); the run has diverged")
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(local(p)).all()]
+        if self._any_rank(bool(bad)):  # sharded: each rank checks its shards
+            raise FloatingPointError(f"not saving a checkpoint: {len(bad) or 'some'} parameters of θ are not finite "
+                                     f"(e.g. {bad[0] if bad else 'on another rank'}); the run has diverged")
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["rng"] = self._rng_states()
         if not getattr(self.scorer, "save", False):
@@ -159,8 +177,9 @@ class TokenWeightingLM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         self._resumed_rng = checkpoint.get("rng")
-        for key, value in self.scorer.state_dict(prefix="scorer.").items():
-            checkpoint["state_dict"].setdefault(key, value)  # θ' as set up, where the checkpoint left it out
+        if "state_dict" in checkpoint:  # a sharded checkpoint's states were loaded by the strategy
+            for key, value in self.scorer.state_dict(prefix="scorer.").items():
+                checkpoint["state_dict"].setdefault(key, value)  # θ' as set up, where the checkpoint left it out
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -183,6 +202,8 @@ class TokenWeightingLM(L.LightningModule):
             self._window_faulty = True  # the whole optimizer step is skipped, not just this micro-batch
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
             return None  # Lightning skips backward and the optimizer step
+        targets = mask.sum()
+        self._window_targets = self._window_targets + targets.detach()
         ce = weighted_loss(long_lp.detach(), None, mask)
         logs = {"train/loss": loss.detach(), "train/ce": ce, "train/skipped_steps": float(self.skipped_steps)}
         scores = None if short_lp is None else (short_lp - long_lp.detach()).abs() * mask
@@ -195,8 +216,9 @@ class TokenWeightingLM(L.LightningModule):
             logs["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log_dict(logs, on_step=True, prog_bar=False, batch_size=ids.shape[0])
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=ids.shape[0])
-        # scores and weights go to callbacks' on_train_batch_end (lctw.callbacks.TokenWeights), detached
-        return {"loss": loss, "scores": scores, "weights": weights.detach(), "mask": mask}
+        # Σ w_i CE_i, normalised by the whole step's targets (module docstring); scores and weights go to
+        # callbacks' on_train_batch_end (lctw.callbacks.TokenWeights), detached
+        return {"loss": loss * targets.clamp_min(1), "scores": scores, "weights": weights.detach(), "mask": mask}
 
     def validation_step(self, batch, batch_idx):
         ids, mask = batch["input_ids"], batch["mask"]
@@ -206,8 +228,25 @@ class TokenWeightingLM(L.LightningModule):
             if sel.any():
                 self.val_ce[key].update(nll[sel])
 
+    def _normalise_gradients(self) -> None:
+        """Divide the summed gradients by the step's valid targets over all micro-batches and ranks.
+        Lightning divided each micro-batch's loss by ``accumulate_grad_batches`` and DDP / FSDP average
+        over ranks: both are undone here."""
+        targets = self._window_targets
+        self._window_targets = 0
+        if self._trainer is None:
+            return
+        if not torch.is_tensor(targets):
+            targets = torch.tensor(float(targets), device=self.device)
+        total = self.trainer.strategy.reduce(targets.float(), reduce_op="sum")
+        factor = float(self.trainer.accumulate_grad_batches * self.trainer.world_size / total.clamp_min(1))
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)  # a float: grads may be DTensors (sharded)
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self._normalise_gradients()
+        grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
         # one device-to-host sync for all gradients, not one per tensor
         bad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         bad = self._any_rank(bad)

@@ -44,8 +44,10 @@ class Scorer(torch.nn.Module):
         super().__init__()
         self.n, self.max_len = int(n), int(max_len)
 
-    def setup(self, theta_spec) -> None:
-        """Load θ' if the scorer has its own model; called once with the trained model's spec."""
+    def setup(self, theta_spec, meta: bool = False) -> None:
+        """Load θ' if the scorer has its own model; called once with the trained model's spec. ``meta``:
+        the architecture only, on the meta device (a rank that receives the weights when sharding,
+        :mod:`lctw.distributed`)."""
 
     def forward(self, theta, batch: dict, long_logprobs: Tensor) -> Tensor | None:
         raise NotImplementedError
@@ -104,8 +106,12 @@ class FixedScorer(Scorer):
         """The model spec θ' is loaded from (it identifies the scores in the cache)."""
         raise NotImplementedError
 
-    def setup(self, theta_spec) -> None:
-        self.use(self.source(theta_spec).load())
+    def setup(self, theta_spec, meta: bool = False) -> None:
+        if meta:
+            with torch.device("meta"):
+                self.use(self.source(theta_spec).load(weights=False))
+        else:
+            self.use(self.source(theta_spec).load())
 
     def use(self, model: torch.nn.Module) -> FixedScorer:
         self.model = model.eval().requires_grad_(False)

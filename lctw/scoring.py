@@ -36,6 +36,8 @@ from torch import Tensor
 from lctw.attention import check_kernel, check_sink, windowed
 from lctw.loss import token_logprobs
 
+LOGPROBS_METHOD = "lctw_logprobs"  # the FSDP forward method of a sharded model (lctw.distributed)
+
 MODES = ("chunked", "window")
 
 
@@ -55,10 +57,21 @@ def model_logprobs(model, input_ids: Tensor, chunk_size: int | None = 1024, firs
     skips the LM head for the first targets (NaN in the result). ``kernel`` picks the LM-head kernel
     (:func:`lctw.loss.resolve_kernel`: chunked, or a fused CUDA kernel).
     """
+    method = getattr(model, LOGPROBS_METHOD, None)  # an FSDP-sharded model (lctw.distributed)
+    if method is not None:
+        return method(input_ids, chunk_size, first, **kwargs)
+    return logprobs_in_forward(model, input_ids, chunk_size, first, **kwargs)
+
+
+def logprobs_in_forward(model, input_ids: Tensor, chunk_size: int | None = 1024, first: int = 0, **kwargs) -> Tensor:
+    """:func:`model_logprobs`'s computation; :mod:`lctw.distributed` registers it as an FSDP forward
+    method of a sharded model, so that the LM head's parameters are gathered for it."""
     head = model.get_output_embeddings()
     post = any(getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
     if chunk_size is None or head is None or post or not hasattr(head, "weight"):
-        logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1]
+        # inside an FSDP forward method the root's hooks have run: call forward itself, not the hooks again
+        call = model.forward if hasattr(model, LOGPROBS_METHOD) else model
+        logits = call(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1]
         out = logprobs_of(logits, input_ids[:, 1:])
         out[:, :first] = float("nan")
         return out

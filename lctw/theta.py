@@ -4,7 +4,8 @@
 and so does :func:`load_theta` for a Lightning checkpoint, with the architecture only (the checkpoint
 then supplies the weights). Everything needed to rebuild θ travels with what a run writes:
 
-* a Lightning checkpoint holds the run's resolved config (``hyper_parameters["config"]``, from the
+* a Lightning checkpoint (a file, or with ``trainer=fsdp`` a directory of shards whose ``meta.pt`` holds
+  the rest) holds the run's resolved config (``hyper_parameters["config"]``, from the
   module's ``save_hyperparameters``) and θ's weights under ``model.``;
 * ``<run>/hf/`` is θ as a Hugging Face model, whose ``config.json`` carries the extended RoPE settings
   (``rope_parameters``, ``max_position_embeddings``), plus ``lctw.yaml``, the run's resolved config.
@@ -21,9 +22,14 @@ THETA = "model"  # θ's attribute in the LightningModule, so its checkpoint keys
 RUN_CONFIG = "lctw.yaml"  # the run's resolved config beside an exported θ
 
 
-def build_theta(model_spec, context, weights: bool = True) -> torch.nn.Module:
-    """θ = the spec's model with its context extended (n -> N), in train mode."""
-    model = model_spec.load(weights=weights)
+def build_theta(model_spec, context, weights: bool = True, meta: bool = False) -> torch.nn.Module:
+    """θ = the spec's model with its context extended (n -> N), in train mode. ``meta``: the architecture
+    on the meta device, no memory (a rank that receives θ's weights when sharding, :mod:`lctw.distributed`)."""
+    if meta:
+        with torch.device("meta"):
+            model = model_spec.load(weights=False)
+    else:
+        model = model_spec.load(weights=weights)
     context.apply(model)
     return model.train()  # from_pretrained returns eval mode; gradient checkpointing only acts in train mode
 
@@ -45,13 +51,16 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def load_theta(ckpt: str, dtype: str = "float32", gguf_file: str | None = None):
-    """(θ, tokenizer, the run's config or None) for a run directory, a ``.ckpt`` or a Hugging Face model."""
+    """(θ, tokenizer, the run's config or None) for a run directory, a ``.ckpt`` (a file, or a sharded
+    checkpoint's directory, read in this one process) or a Hugging Face model."""
+    from lctw.checkpoints import SHARDED_META
     from lctw.config import build
     from lctw.models import DTYPES, HFModel
 
     path = Path(str(ckpt)).expanduser()
     if path.suffix == ".ckpt":
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        sharded = path.is_dir()  # trainer=fsdp's checkpoints are directories (lctw.distributed)
+        state = torch.load(path / SHARDED_META if sharded else path, map_location="cpu", weights_only=True)
         config = (state.get("hyper_parameters") or {}).get("config")
         if config is None:
             raise ValueError(f"ckpt={path}: the checkpoint holds no run config (hyper_parameters['config']); "
@@ -60,8 +69,13 @@ def load_theta(ckpt: str, dtype: str = "float32", gguf_file: str | None = None):
         spec = build(run_cfg.model, "model")
         model = build_theta(spec, build(run_cfg.context, "context"), weights=False)
         prefix = f"{THETA}."
-        model.load_state_dict({k.removeprefix(prefix): v for k, v in state["state_dict"].items()
-                               if k.startswith(prefix)})
+        if sharded:
+            from lctw.distributed import read_sharded_theta
+
+            read_sharded_theta(model, path)
+        else:
+            model.load_state_dict({k.removeprefix(prefix): v for k, v in state["state_dict"].items()
+                                   if k.startswith(prefix)})
         model = model.to(DTYPES[dtype])
         tokenizer = spec.tokenizer()
     else:

@@ -12,6 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lctw import models
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -50,6 +52,39 @@ SMALL = [
     "trainer.val_check_interval=3", "checkpoint_every=3", "trainer.limit_val_batches=2", "data.batch_size=2",
     "data.val_batch_size=2", "logger.mode=offline",
 ]
+
+# the shortened default run, without the tiny model's base-stage keys and with no logger (for model=hf)
+RUN = [o for o in SMALL if not o.startswith(("+model.base", "logger."))]
+
+
+@pytest.fixture(scope="session")
+def hf_model(cache_dir, tmp_path_factory):
+    """A small Llama with tied embeddings (every row of the embedding gets a gradient through the LM head),
+    initialised like a pretrained model, N(0, 0.02), saved as a local Hugging Face model."""
+    path = tmp_path_factory.mktemp("hf-model")
+    tok = models.TinyLlama(n=32, cache_dir=cache_dir).tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         intermediate_size=128, vocab_size=len(tok), max_position_embeddings=32,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """trainer=fsdp on one CPU rank runs in this process: Lightning initialises a process group and sets
+    MASTER_ADDR/MASTER_PORT; both are undone afterwards so that no other test sees them."""
+    import torch.distributed as dist
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,11 @@ from lctw.config import validate as build_parts
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml") if not f.stem.startswith("_"))
           for p in Path(CONF).iterdir() if p.is_dir()}
 DATA = Path(CONF).parent / "tests" / "data"  # data=files refuses a path that does not exist
+# the paper's experiments compute the accumulation from the number of GPUs (trainer.devices=-1: all, none here)
+PAPER = ["trainer.devices=8"]
 REQUIRED = {("model", "hf"): ["model.name_or_path=some/model"], ("data", "files"): [f"data.path={DATA}"],
-            ("eval", "harness"): ["eval.data_dir=tests/data/harness"]}
+            ("eval", "harness"): ["eval.data_dir=tests/data/harness"], ("experiment", "paper_llama3"): PAPER,
+            ("experiment", "paper_phi2"): PAPER}
 CHEAP = ("weighting", "context", "scorer", "model")
 
 
@@ -36,9 +39,10 @@ def _option_names(group: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("group", ["weighting", "scorer", "context"])
 def test_each_method_option_builds_the_part_it_names(group):
-    """The option a user types is the part that runs: its YAML builds the class of the same name."""
+    """The option a user types is the part that runs: its YAML builds the class of the same name (a preset
+    of a part, such as scorer=small_llama32_1b, is named <part>_<preset>)."""
     names = _option_names(group)
-    assert names == {o: o for o in GROUPS[group]}
+    assert names == {o: o.split("_")[0] for o in GROUPS[group]}
 
 
 def test_the_readme_configuration_table_lists_every_option():
@@ -61,7 +65,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     check_trainer(cfg.trainer, machine=cfg.trainer.accelerator == "cpu")
     built = {key: instantiate(cfg[key]) for key in CHEAP}
     if group in ("weighting", "scorer"):
-        assert built[group].name == option
+        assert built[group].name == option.split("_")[0]  # a preset of a part: <part>_<preset>
     if group == "context":
         assert built[group].method == option
     if group == "model":
@@ -92,6 +96,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
 @pytest.mark.parametrize("experiment", GROUPS["experiment"])
 def test_experiments_compose_as_deltas(experiment, scorer, tmp_path):
     extra = ["weighting=uniform"] if scorer == "none" else []
+    extra += PAPER if experiment.startswith("paper") else []
     cfg = compose([f"experiment={experiment}", f"scorer={scorer}", *extra], cache=str(tmp_path))
     if experiment == "base" and scorer != "none":  # the base stage trains at N = n: no θ' can be shorter
         with pytest.raises(ValueError, match=r"scorer\.n=256 must be smaller than max_len=256"):
@@ -105,8 +110,11 @@ def test_experiments_compose_as_deltas(experiment, scorer, tmp_path):
     if experiment == "paper_llama3" and scorer == "frozen":
         assert (cfg.n, cfg.N, cfg.context.rope_theta) == (8192, 32768, 15300000)
         assert instantiate(cfg.scorer).short.stride == 6144  # the paper's (1 - n/N)·n
-        assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accumulate_grad_batches == 16
-        assert cfg.weighting.lam == 0.75 and cfg.optimizer.lr == 2e-5
+        assert cfg.trainer.strategy._target_ == "lctw.distributed.FSDP2Strategy"
+        assert (cfg.trainer.strategy.param_dtype, cfg.model.dtype) == ("bfloat16", "float32")  # fp32 masters
+        assert cfg.global_batch == 16 and cfg.trainer.accumulate_grad_batches == 2  # 1 × 8 GPUs × 2
+        assert cfg.weighting.lam == 0.75 and cfg.optimizer.lr == 2e-5 and list(cfg.optimizer.betas) == [0.9, 0.95]
+        assert (cfg.scheduler.num_warmup_steps, cfg.trainer.max_steps) == (20, 240)
 
 
 def test_group_interpolations_follow_n_and_N(tmp_path):

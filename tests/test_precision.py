@@ -4,35 +4,16 @@ fp32 copy, and most of its weights would not move (the update is below bf16's re
 
 import pytest
 import torch
-from conftest import SMALL, compose
+from conftest import RUN, compose
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lctw.experiment import run
-from lctw.models import TinyLlama
-
-# the shortened default run, without the tiny model's base-stage keys and with no logger
-RUN = [o for o in SMALL if not o.startswith(("+model.base", "logger."))]
 
 
-@pytest.fixture(scope="module")
-def hf_model(cache_dir, tmp_path_factory):
-    """A small Llama with tied embeddings (every row of the embedding gets a gradient through the LM head),
-    initialised like a pretrained model, N(0, 0.02), saved as a local Hugging Face model."""
-    path = tmp_path_factory.mktemp("hf-model")
-    tok = TinyLlama(n=32, cache_dir=cache_dir).tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         intermediate_size=128, vocab_size=len(tok), max_position_embeddings=32,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.mark.parametrize("trainer", ["cpu", "gpu"])
-def test_one_step_at_lr_2e5_moves_more_than_99_percent_of_the_weights(hf_model, cache_dir, tmp_path, trainer):
+# ddp and fsdp run on one gloo rank here; fsdp computes in bf16 over fp32 shards
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp"])
+def test_one_step_at_lr_2e5_moves_more_than_99_percent_of_the_weights(hf_model, cache_dir, tmp_path, trainer,
+                                                                      one_process_group):
     overrides = [*RUN, "model=hf", f"model.name_or_path={hf_model}", "model.gradient_checkpointing=false",
                  "scorer=none", "weighting=uniform", f"trainer={trainer}", "trainer.accelerator=cpu",
                  "trainer.devices=1", "trainer.max_steps=1", "trainer.accumulate_grad_batches=1",

@@ -95,6 +95,14 @@ CASES = [
     (train("context=llama3", "context.high_freq_factor=1"),
      r"^context\.high_freq_factor=1 must be greater than low_freq_factor=1\.0"),
     (train("chunk_size=0"), r"^chunk_size=0 is out of range: allowed >= 1"),
+    (train("trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "eval=ppl"),
+     r"^eval is not run inside a trainer=fsdp run .*python eval\.py ckpt=<run dir>"),
+    (train("global_batch=16", "trainer.accumulate_grad_batches=3"),
+     r"^global_batch=16 but data\.batch_size=2 × 1 ranks × trainer\.accumulate_grad_batches=3 = 6 sequences"),
+    (train("experiment=paper_llama3", "trainer.accelerator=cpu", "trainer.devices=1", "data.batch_size=3"),
+     r"^global_batch=16 sequences per step is not a multiple of data\.batch_size=3 × 1 ranks"),
+    (train("experiment=paper_phi2", "trainer.accelerator=cpu"),
+     r"^trainer\.devices=-1 means every GPU, but torch sees none"),
     (train("scorer.n=1024"), r"^scorer\.n=1024 must be smaller than max_len=1024"),  # N = 1024: blames scorer.n
     (train("scorer.stride=0"), r"^scorer\.stride=0 does not fit windows of n=256 tokens: allowed 1 … 255"),
     (train("scorer=self", "+scorer.cache=true"), r"^scorer\.cache=True needs a fixed scorer"),
@@ -210,6 +218,51 @@ def test_allowed_edge_values_pass(case, files, nothing_loads, tmp_path):
         assert validate(_compose(config, overrides, files, tmp_path)).model_spec.name_or_path == files["hf_dir"]
     else:
         assert type(validate_evaluation(_compose(config, overrides, files, tmp_path))).__name__ == "Ruler"
+
+
+def test_global_batch_sets_the_accumulation_for_any_number_of_gpus(tmp_path):
+    for devices, nodes, accumulate in ((1, 1, 16), (8, 1, 2), (4, 2, 2), (16, 1, 1)):
+        cfg = compose(["experiment=paper_llama3", f"trainer.devices={devices}", f"trainer.num_nodes={nodes}"],
+                      cache=str(tmp_path))
+        assert cfg.trainer.accumulate_grad_batches == accumulate  # 1 per GPU × GPUs × accumulation = 16
+    with pytest.raises(ConfigError, match=r"global_batch=16 .* not a multiple of .* 3 ranks"):
+        validate(compose(["experiment=paper_llama3", "trainer.devices=3"], cache=str(tmp_path)))
+
+
+def test_a_local_multirun_cannot_start_ranks(tmp_path, monkeypatch):
+    """Lightning re-runs the command line (-m included) to start ranks: a local sweep of fsdp/ddp runs is
+    refused with the ways that work; one device, or ranks started by SLURM or torchrun, are fine."""
+    from hydra import compose as hydra_compose
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from lctw.config import check_launch
+
+    for key in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    def configure(mode):
+        cfg = hydra_compose("config", overrides=["trainer=fsdp", "trainer.devices=2", f"paths.cache={tmp_path}"],
+                            return_hydra_config=True)
+        cfg.hydra.mode = mode
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    cfg = configure(RunMode.MULTIRUN)
+    try:
+        with pytest.raises(ConfigError, match=r"local -m sweep: Lightning starts the other ranks .*for lam in"):
+            check_launch(cfg)
+        cfg.trainer.strategy = "ddp"
+        with pytest.raises(ConfigError, match="local -m sweep"):
+            check_launch(cfg)
+        cfg.trainer.devices = 1
+        check_launch(cfg)  # one rank: nothing is re-run
+        cfg.trainer.devices = 2
+        monkeypatch.setenv("SLURM_NTASKS", "2")
+        check_launch(cfg)  # SLURM started the ranks
+        monkeypatch.delenv("SLURM_NTASKS")
+        check_launch(configure(RunMode.RUN))  # a single run: Lightning's re-run is that run
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def test_a_hub_name_is_not_taken_for_a_missing_path(nothing_loads, tmp_path):

@@ -1,0 +1,193 @@
+"""Distributed correctness: 2 ranks x b sequences, and b sequences x 2 accumulated micro-batches, give the
+loss and the gradient of one batch of 2b sequences (lctw/module.py's docstring), and FSDP2 (trainer=fsdp)
+shards, checkpoints, resumes and consolidates (lctw/distributed.py).
+
+The sequences have different numbers of valid targets (padding), so a mean of per-micro-batch means would
+differ from the batch's mean: the tests would catch it. One plain SGD step at lr 1 without clipping makes
+the parameter change the gradient itself.
+"""
+
+import contextlib
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from conftest import RUN, compose, tiny_llama
+from torch.utils.data import DataLoader
+
+from lctw.checkpoints import is_sharded
+from lctw.config import ConfigError, validate_evaluation
+from lctw.consolidate import consolidate
+from lctw.distributed import FSDP2Strategy, decoder_layers, gather_theta
+from lctw.experiment import run
+from lctw.module import TokenWeightingLM
+from lctw.scorers import SelfScorer
+from lctw.theta import load_theta
+from lctw.weighting import Dense
+
+LENGTHS = [12, 5, 9, 3]  # tokens per sequence (BOS included); the rest of the 12 positions is padding
+
+
+def rows():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for length in LENGTHS:
+        ids = torch.randint(3, 64, (12,), generator=g)
+        ids[0] = 1
+        out.append({"input_ids": ids, "mask": torch.arange(11) < length - 1})
+    return out
+
+
+class Recording(TokenWeightingLM):
+    """Records each micro-batch's Σ w·CE and valid targets (what it backpropagates)."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        self.sums.append((float(out), int(batch["mask"].sum())))
+        return out
+
+
+def one_step(batch_size: int, accumulate: int = 1, devices: int = 1, strategy="auto", meta: bool = False):
+    """θ after one SGD step (lr 1) on the 4 sequences, and this rank's (Σ w·CE, targets) per micro-batch.
+    ``meta``: θ built without weights, on the meta device (it receives rank 0's when it is sharded)."""
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = tiny_llama(layers=2, vocab=64, seed=0).train()
+    module = Recording(model, SelfScorer(n=4, max_len=12), Dense(lam=0.5), n=4,
+                       optimizer=functools.partial(torch.optim.SGD, lr=1.0), chunk_size=5)
+    module.sums = []
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=1,
+                        accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        precision="32-true")
+    trainer.fit(module, DataLoader(rows(), batch_size=batch_size, shuffle=False))
+    if isinstance(strategy, FSDP2Strategy):
+        return gather_theta(module.model), module.sums
+    return {k: v.clone() for k, v in model.state_dict().items()}, module.sums
+
+
+def test_accumulated_micro_batches_equal_the_larger_batch():
+    big, big_sums = one_step(batch_size=4)
+    acc, acc_sums = one_step(batch_size=2, accumulate=2)
+    single, single_sums = one_step(batch_size=1, accumulate=4)
+    for theta in (acc, single):
+        for k in big:
+            torch.testing.assert_close(theta[k], big[k], rtol=1e-5, atol=1e-7)
+    loss = sum(s for s, _ in big_sums) / sum(c for _, c in big_sums)
+    for sums in (acc_sums, single_sums):
+        assert sum(s for s, _ in sums) / sum(c for _, c in sums) == pytest.approx(loss, rel=1e-6)
+    # the micro-batches' own means differ: averaging them would not be the batch's loss
+    mean_of_means = sum(s / c for s, c in acc_sums) / len(acc_sums)
+    assert abs(mean_of_means - loss) > 1e-3  # 1000x the tolerance above
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, port: int, out: str, strategy: str) -> None:
+    """One of 2 gloo ranks, launched by the test (so Lightning does not re-run pytest's command line)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank))
+    torch.set_num_threads(1)
+    chosen = FSDP2Strategy(param_dtype="float32") if strategy.startswith("fsdp") else strategy
+    theta, sums = one_step(batch_size=2, devices=2, strategy=chosen, meta=strategy == "fsdp-meta" and rank == 1)
+    torch.save({"theta": theta, "sums": sums}, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow  # about 50 s each on 2 loaded cores: each spawned rank imports torch, Lightning and transformers
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp-meta", "ddp"])
+def test_two_ranks_equal_one_process(tmp_path, strategy):
+    """2 ranks x 2 sequences == 1 process x 4 sequences: the same loss, the same update (FSDP2 and DDP).
+    fsdp-meta: rank 1 builds θ on the meta device and receives its shards from rank 0, as trainer=fsdp does."""
+    torch.multiprocessing.start_processes(_rank, args=(_free_port(), str(tmp_path), strategy), nprocs=2,
+                                          start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    big, big_sums = one_step(batch_size=4)
+    for k in big:
+        torch.testing.assert_close(ranks[0]["theta"][k], big[k], rtol=1e-5, atol=1e-7)
+    sums = ranks[0]["sums"] + ranks[1]["sums"]
+    assert {c for _, c in sums} != {sum(c for _, c in sums) / 2}  # the ranks have different target counts
+    assert sum(s for s, _ in sums) / sum(c for _, c in sums) == pytest.approx(
+        sum(s for s, _ in big_sums) / sum(c for _, c in big_sums), rel=1e-6)
+
+
+def test_decoder_layers_come_from_the_model():
+    model = tiny_llama(layers=3)
+    assert [type(m).__name__ for m in decoder_layers(model)] == ["LlamaDecoderLayer"] * 3
+    model._no_split_modules = ["NoSuchLayer"]
+    with pytest.raises(ValueError, match="_no_split_modules"):
+        decoder_layers(model)
+
+
+def test_fsdp_run_writes_sharded_checkpoints_that_resume_and_consolidate(hf_model, cache_dir, tmp_path,
+                                                                         one_process_group):
+    """trainer=fsdp on one gloo rank, in this process (the 2-rank run of train.py: test_train_fsdp_on_two_ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    overrides = [*RUN, "model=hf", f"model.name_or_path={hf_model}", "model.gradient_checkpointing=false",
+                 "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=2",
+                 "trainer.accumulate_grad_batches=1", "checkpoint_every=1", "trainer.val_check_interval=2",
+                 "trainer.limit_val_batches=1", "validate_first=false", "logger=none", "callbacks=default"]
+    run(compose(overrides, cache=cache_dir), run_dir=tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert is_sharded(last)
+    files = [f for f in last.iterdir() if not f.name.endswith(".sha256")]
+    assert all((last / f"{f.name}.sha256").is_file() for f in files)
+    saved = dcp.FileSystemReader(str(last)).read_metadata().state_dict_metadata
+    assert not [k for k in saved if "scorer." in k] and any(k.startswith("optimizer_0.") for k in saved)
+    assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 2
+
+    out = consolidate(last, tmp_path / "consolidated")  # θ after step 2, as the run exported it to hf/
+    exported, consolidated = load_file(tmp_path / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert exported.keys() == consolidated.keys()
+    assert all(torch.equal(exported[k], consolidated[k]) for k in exported)
+    validate_evaluation(compose([f"ckpt={out}"], config_name="evaluate"))  # eval.py accepts it
+    validate_evaluation(compose([f"ckpt={last}"], config_name="evaluate"))  # and the checkpoint directory itself
+
+    # resume: the same run directory, two more steps, from the sharded last.ckpt
+    run(compose([*overrides, "trainer.max_steps=4"], cache=cache_dir), run_dir=tmp_path)
+    assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 4
+
+    shard = next(f for f in files if f.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:-8] + bytes(8))  # a damaged shard is refused by name
+    with pytest.raises(ValueError, match=f"{shard.name} is corrupted"):
+        load_theta(str(last))
+    (tmp_path / "empty.ckpt").mkdir()
+    with pytest.raises(ConfigError, match="nor a sharded checkpoint"):
+        validate_evaluation(compose([f"ckpt={tmp_path / 'empty.ckpt'}"], config_name="evaluate"))
+
+
+@pytest.mark.slow  # about 3 minutes on 2 loaded cores: 2 ranks x 3 commands, each importing everything
+def test_train_fsdp_on_two_ranks_resumes_and_consolidates(cache_dir, tmp_path):
+    """The documented commands: train.py trainer=fsdp on 2 gloo ranks (frozen scorer θ0 sharded too), the
+    same command resumed from the sharded last.ckpt, then python -m lctw.consolidate."""
+    from conftest import ROOT, SMALL
+    from safetensors.torch import load_file
+
+    run_dir, out = tmp_path / "run", tmp_path / "consolidated"
+    base = [sys.executable, "train.py", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+            *[o for o in SMALL if not o.startswith("logger.")],
+            "trainer.accumulate_grad_batches=1", "checkpoint_every=1", "trainer.val_check_interval=2",
+            "logger=none", f"paths.cache={cache_dir}", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
+    for steps in (2, 3):  # the second command finds last.ckpt in the run directory and resumes
+        proc = subprocess.run([*base, f"trainer.max_steps={steps}"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert torch.load(run_dir / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == steps
+    assert "Restored all states from the checkpoint" in proc.stderr + proc.stdout
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    cmd = [sys.executable, "-m", "lctw.consolidate", str(run_dir / "checkpoints" / "last.ckpt"), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported, consolidated = load_file(run_dir / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(exported[k], consolidated[k]) for k in exported)
