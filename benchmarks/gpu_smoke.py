@@ -10,8 +10,10 @@ Run it first on a new cluster or after an upgrade of torch, Lightning or transfo
 ``--model`` takes a hub id or a local directory (its config; the weights too with ``--weights``; timing
 does not depend on the values, so random weights are the default). Without ``--model`` the model is a
 Llama built from ``--hidden/--layers/--heads/--vocab``. On a machine without CUDA the script exits with
-status 2 and says so; any failed check exits with status 1. Every rank builds its model on its GPU and
-shards it at once with lctw's own plan (:func:`lctw.distributed.shard_model`, what ``trainer=fsdp`` runs).
+status 2 and says so; any failed check exits with status 1. ``--cpu-check`` runs the same code on the CPU
+(gloo, a tiny model, the CPU's kernels): a test of this script, whose figures mean nothing. Every rank
+builds its model on its GPU and shards it at once with lctw's own plan
+(:func:`lctw.distributed.shard_model`, what ``trainer=fsdp`` runs).
 
 Checks (each "ok" or "FAILED" with its numbers):
 
@@ -39,6 +41,27 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda"  # "cpu" under --cpu-check
+
+
+def sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -58,6 +81,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--loss", default="auto", help="the training loss kernel: auto | chunked | cce | liger")
     p.add_argument("--no-checkpointing", action="store_true", help="no activation checkpointing")
     p.add_argument("--out", default=None, help="write the results as JSON here (rank 0)")
+    p.add_argument("--cpu-check", action="store_true", help="run this script's code on the CPU (tests it)")
     return p.parse_args(argv)
 
 
@@ -71,10 +95,10 @@ def setup_distributed():
     os.environ.setdefault("MASTER_PORT", "29517")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local)
-    dist.init_process_group("nccl")
-    return init_device_mesh("cuda", (dist.get_world_size(),)), dist.get_rank(), dist.get_world_size()
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
+    return init_device_mesh(DEVICE, (dist.get_world_size(),)), dist.get_rank(), dist.get_world_size()
 
 
 def build(args, max_len: int, seed: int):
@@ -84,7 +108,7 @@ def build(args, max_len: int, seed: int):
 
     torch.manual_seed(seed)
     if args.model and args.weights:
-        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, device_map="cuda")
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, device_map=DEVICE)
     if args.model:
         config = AutoConfig.from_pretrained(args.model)
     else:
@@ -93,7 +117,7 @@ def build(args, max_len: int, seed: int):
                              intermediate_size=int(3.5 * args.hidden), tie_word_embeddings=False)
     config.max_position_embeddings = max(max_len, getattr(config, "max_position_embeddings", 0) or 0)
     config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
@@ -129,14 +153,16 @@ def random_batch(vocab: int, length: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (1, length), generator=g)
     ids[:, 0] = 1
-    return {"input_ids": ids.cuda(), "mask": torch.ones(1, length - 1, dtype=torch.bool, device="cuda")}
+    return {"input_ids": ids.to(DEVICE), "mask": torch.ones(1, length - 1, dtype=torch.bool, device=DEVICE)}
 
 
 def check_fp32_masters(module, batch) -> dict:
-    """One optimizer step at the paper's lr: the fraction of this rank's weight elements that moved."""
+    """One optimizer step at the paper's lr: the fraction of this rank's weight elements that moved. The
+    input embedding is left out: rows of tokens absent from the batch get no gradient at all."""
     import torch
 
-    params = [p for p in module.model.parameters() if p.requires_grad]
+    embedding = module.model.get_input_embeddings().weight
+    params = [p for p in module.model.parameters() if p.requires_grad and p is not embedding]
     before = [p.detach().to_local().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0)
     module.training_step(batch, 0)["loss"].backward()
@@ -156,21 +182,21 @@ def check_loss_kernels(hidden: int, vocab: int, tokens: int = 8192) -> dict:
     from lctw.loss import kernel_problem, token_logprobs
 
     torch.manual_seed(0)
-    h = (torch.randn(1, tokens, hidden, device="cuda") / hidden**0.5).bfloat16().requires_grad_()
-    w = (torch.randn(vocab, hidden, device="cuda") * 0.02 * hidden**0.5).requires_grad_()
-    t = torch.randint(0, vocab, (1, tokens), device="cuda")
-    g = torch.rand(1, tokens, device="cuda")
+    h = (torch.randn(1, tokens, hidden, device=DEVICE) / hidden**0.5).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, device=DEVICE) * 0.02 * hidden**0.5).requires_grad_()
+    t = torch.randint(0, vocab, (1, tokens), device=DEVICE)
+    g = torch.rand(1, tokens, device=DEVICE)
 
     def run(kernel, chunk_size=4096):
         h.grad = w.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        sync()
+        reset_peak()
         start = time.perf_counter()
         lp = token_logprobs(h, w, t, chunk_size=chunk_size, kernel=kernel)
         (lp * g).sum().backward()
-        torch.cuda.synchronize()
+        sync()
         return {"lp": lp.detach().float(), "dh": h.grad.float(), "dw": w.grad.float(),
-                "ms": 1e3 * (time.perf_counter() - start), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+                "ms": 1e3 * (time.perf_counter() - start), "peak_gib": peak_gib()}
 
     def compare(ref, other, tol):
         diff = {k: float((ref[k] - other[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12))
@@ -183,7 +209,7 @@ def check_loss_kernels(hidden: int, vocab: int, tokens: int = 8192) -> dict:
     out = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "chunked_vs_full": compare(full, chunked, 1e-3)}
     out["chunked_vs_full"].update(full_ms=full["ms"], full_peak_gib=full["peak_gib"])
     for kernel in ("cce", "liger"):
-        problem = kernel_problem(kernel, "cuda")
+        problem = kernel_problem(kernel, DEVICE)
         if problem:
             out[kernel] = {"skipped": problem}
             continue
@@ -196,7 +222,6 @@ def check_loss_kernels(hidden: int, vocab: int, tokens: int = 8192) -> dict:
 def check_flex_window(model, vocab: int, length: int = 4096, n: int = 1024) -> dict:
     """Window scoring (every target sees exactly its last n tokens) with FlexAttention vs the sdpa kernel.
     Both run bf16 attention; they differ by summation order only (max |Δ log p| well under 0.05 nats)."""
-    import torch
 
     from lctw.scoring import ShortContext
 
@@ -205,40 +230,42 @@ def check_flex_window(model, vocab: int, length: int = 4096, n: int = 1024) -> d
     for kernel in ("flex", "sdpa"):
         short = ShortContext(n, length, mode="window", attention=kernel)
         short.logprobs(model, ids)
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         out[kernel] = short.logprobs(model, ids)
-        torch.cuda.synchronize()
+        sync()
         out[f"{kernel}_ms"] = 1e3 * (time.perf_counter() - start)
     diff = float((out.pop("flex") - out.pop("sdpa")).abs().nan_to_num(0).max())
     return {"ok": diff < 0.05, "max_abs_diff_nats": diff, "length": length, "n": n, **out}
 
 
 def time_steps(module, batch, optimizer, steps: int, warmup: int) -> dict:
-    import torch
 
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     times = []
     for i in range(warmup + steps):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         module.training_step(batch, i)["loss"].backward()
         optimizer.step()
-        torch.cuda.synchronize()
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     med = statistics.median(times)
     length = batch["input_ids"].shape[1]
     return {"median_s": med, "tokens_per_s_per_gpu": length / med,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "peak_gib": peak_gib()}
 
 
 def main(argv=None) -> int:
+    global DEVICE
     args = parse(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    if args.cpu_check:
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
         print("gpu_smoke.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine. The CPU paths "
               "are covered by the test suite (make test); run this script on a GPU node.", file=sys.stderr)
         return 2
@@ -256,7 +283,8 @@ def main(argv=None) -> int:
     max_len = max(args.lengths)
     theta = shard(build(args, max_len, seed=0).train(), mesh, not args.no_checkpointing)
     vocab = theta.config.vocab_size
-    report = {"setup": {"gpus": world, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    report = {"setup": {"gpus": world, "gpu": gpu, "torch": torch.__version__,
                         "model": args.model or "llama (from config)", "weights": args.weights,
                         "params": sum(p.numel() for p in theta.parameters()), "loss": args.loss,
                         "activation_checkpointing": not args.no_checkpointing},
@@ -266,8 +294,8 @@ def main(argv=None) -> int:
     n0 = min(args.lengths) // args.n_ratio
     uniform = TokenWeightingLM(theta, NoScorer(n0, min(args.lengths)), Uniform(), n=n0, loss=args.loss)
     checks["fp32_masters"] = check_fp32_masters(uniform, random_batch(vocab, 1024, 0))
-    checks["loss_kernels"] = check_loss_kernels(theta.config.hidden_size, vocab)
-    checks["flex_window"] = check_flex_window(theta, vocab)
+    checks["loss_kernels"] = check_loss_kernels(theta.config.hidden_size, vocab, min(8192, max_len))
+    checks["flex_window"] = check_flex_window(theta, vocab, min(4096, max_len), min(1024, max_len // 4))
     theta0 = None
     if "frozen" in args.scorers:  # θ0: the same initial weights, sharded the same way, never trained
         theta0 = shard(build(args, max_len, seed=0).eval().requires_grad_(False), mesh, False)

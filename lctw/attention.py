@@ -34,7 +34,6 @@ import contextlib
 import functools
 import logging
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -79,18 +78,24 @@ def resolve_kernel(kernel: str, device) -> str:
     return "flex" if torch.device(device).type == "cuda" and flex_available() and not _FLEX_FAILED else "sdpa"
 
 
-@dataclass
 class Window:
-    """What one windowed forward pass needs: window width, sink, kernel and (in range) the sink's RoPE."""
+    """What one windowed forward pass needs: window width, sink, kernel and (in range) the sink's RoPE.
 
-    width: int
-    sink: bool | str  # False | True | "in_range"
-    kernel: str
-    rope: tuple[Tensor, Tensor] | None = None  # (cos, sin) (T, D) rotating the raw sink key to q - width
-    block: int | None = None  # sdpa: queries per block (None: max(128, width / 4), at most width)
-    auto: bool = False  # chosen by ``auto``: a failing flex falls back to sdpa instead of raising
-    calls: int = 0  # attention layers that ran the window kernel in this pass
-    cache: dict = field(default_factory=dict)  # per pass, shared by the layers: the masks
+    A plain class, not a dataclass, on purpose: it travels through the model's forward kwargs, and FSDP2's
+    pre-forward hooks rebuild every dataclass among a module's inputs (and cast its tensors to the compute
+    dtype), so each sharded layer would count its calls and cache its masks on a copy.
+    """
+
+    def __init__(self, width: int, sink: bool | str, kernel: str, rope: tuple[Tensor, Tensor] | None = None,
+                 block: int | None = None, auto: bool = False):
+        self.width = width
+        self.sink = sink  # False | True | "in_range"
+        self.kernel = kernel
+        self.rope = rope  # (cos, sin) (T, D) rotating the raw sink key to q - width
+        self.block = block  # sdpa: queries per block (None: max(128, width / 4), at most width)
+        self.auto = auto  # chosen by ``auto``: a failing flex falls back to sdpa instead of raising
+        self.calls = 0  # attention layers that ran the window kernel in this pass
+        self.cache: dict = {}  # per pass, shared by the layers: the masks
 
 
 def sink_rope(model, t: int, width: int, device) -> tuple[Tensor, Tensor]:

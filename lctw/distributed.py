@@ -50,7 +50,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's decoder layers: modules whose class is named in transformers' ``_no_split_modules``
     (the blocks its authors say must not be split, e.g. ``LlamaDecoderLayer``, ``PhiDecoderLayer``)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    # the MRO: fully_shard turns a layer's class into a subclass (FSDPLlamaDecoderLayer)
+    layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not layers:
         raise ValueError(f"cannot shard {type(model).__name__}: its _no_split_modules ({sorted(names) or 'none'}) "
                          "names no module class of the model, so its decoder layers are unknown")

@@ -59,11 +59,12 @@ def model_logprobs(model, input_ids: Tensor, chunk_size: int | None = 1024, firs
     """
     method = getattr(model, LOGPROBS_METHOD, None)  # an FSDP-sharded model (lctw.distributed)
     if method is not None:
-        return method(input_ids, chunk_size, first, **kwargs)
-    return logprobs_in_forward(model, input_ids, chunk_size, first, **kwargs)
+        return method(input_ids, chunk_size, first, kernel=kernel, **kwargs)
+    return logprobs_in_forward(model, input_ids, chunk_size, first, kernel=kernel, **kwargs)
 
 
-def logprobs_in_forward(model, input_ids: Tensor, chunk_size: int | None = 1024, first: int = 0, **kwargs) -> Tensor:
+def logprobs_in_forward(model, input_ids: Tensor, chunk_size: int | None = 1024, first: int = 0,
+                        kernel: str = "chunked", **kwargs) -> Tensor:
     """:func:`model_logprobs`'s computation; :mod:`lctw.distributed` registers it as an FSDP forward
     method of a sharded model, so that the LM head's parameters are gathered for it."""
     head = model.get_output_embeddings()
