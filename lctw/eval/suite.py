@@ -67,22 +67,54 @@ class Ruler:
 
 
 class Harness:
-    """MMLU / BBH / LongBench through lm-eval on local data (``lctw.eval.harness``): retention and LongBench."""
+    """MMLU / BBH / LongBench on local data (``lctw.eval.harness``), each in its official profile by default.
 
-    def __init__(self, tasks: list[str], data_dir: str, num_fewshot: int = 0, limit: float | None = None,
-                 batch_size: int = 1, chat_template: bool = False):
+    ``mmlu``, ``bbh`` and ``longbench`` hold each benchmark's settings (``conf/eval/harness.yaml``); what
+    is left out keeps the official default: 5-shot MMLU, 3-shot BBH, LongBench's model2maxlen budget.
+    """
+
+    OPTIONS = {"mmlu": {"num_fewshot"}, "bbh": {"num_fewshot"}, "longbench": {"max_length", "chat_template"}}
+
+    def __init__(self, tasks: list[str], data_dir: str, limit: float | None = None, batch_size: int = 1,
+                 chat_template: bool = False, mmlu: dict | None = None, bbh: dict | None = None,
+                 longbench: dict | None = None):
+        from lctw.eval.harness.tasks import BBH_FEWSHOT, MMLU_FEWSHOT
+
         if not tasks:
             raise ValueError("tasks is empty: give e.g. [mmlu, bbh, longbench] or single tasks (mmlu_<subject>)")
         if not data_dir:
             raise ValueError("data_dir is required: the directory holding your local mmlu/ bbh/ longbench/ data")
-        self.tasks, self.data_dir, self.num_fewshot, self.limit = list(tasks), data_dir, num_fewshot, limit
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} is out of range: allowed >= 1")
+        parts = {"mmlu": dict(mmlu or {}), "bbh": dict(bbh or {}), "longbench": dict(longbench or {})}
+        for name, options in parts.items():
+            unknown = sorted(set(options) - self.OPTIONS[name])
+            if unknown:
+                raise ValueError(f"{name}: unknown options {unknown}; allowed {sorted(self.OPTIONS[name])}")
+        self.mmlu_fewshot = int(parts["mmlu"].get("num_fewshot", MMLU_FEWSHOT))
+        self.bbh_fewshot = int(parts["bbh"].get("num_fewshot", BBH_FEWSHOT))
+        if self.mmlu_fewshot < 0:
+            raise ValueError(f"mmlu.num_fewshot={self.mmlu_fewshot} is out of range: allowed >= 0 (standard: 5)")
+        if not 0 <= self.bbh_fewshot <= BBH_FEWSHOT:
+            raise ValueError(f"bbh.num_fewshot={self.bbh_fewshot} is out of range: allowed 0-{BBH_FEWSHOT} (the "
+                             f"official BBH prompt files hold {BBH_FEWSHOT} exemplars per task; 3 = lm-eval's "
+                             "bbh_fewshot, 0 = bbh_zeroshot)")
+        self.lb_max = parts["longbench"].get("max_length")
+        if self.lb_max is not None and int(self.lb_max) < 2:
+            raise ValueError(f"longbench.max_length={self.lb_max} is out of range: allowed >= 2 or null")
+        self.lb_chat = parts["longbench"].get("chat_template", "auto")
+        if self.lb_chat not in ("auto", True, False):
+            raise ValueError(f"longbench.chat_template={self.lb_chat!r} is not allowed: choose auto, true or false")
+        self.tasks, self.data_dir, self.limit = list(tasks), data_dir, limit
         self.batch_size, self.chat_template = batch_size, chat_template
 
     def __call__(self, model, tokenizer, out_dir, logger=None, **_) -> dict:
         from lctw.eval.harness import results_table, run_harness, write_harness_results
 
-        results = run_harness(model, tokenizer, self.tasks, self.data_dir, num_fewshot=self.num_fewshot,
-                              limit=self.limit, batch_size=self.batch_size, apply_chat_template=self.chat_template)
+        results = run_harness(model, tokenizer, self.tasks, self.data_dir, mmlu_fewshot=self.mmlu_fewshot,
+                              bbh_fewshot=self.bbh_fewshot, limit=self.limit, batch_size=self.batch_size,
+                              chat_template=self.chat_template, longbench_max_length=self.lb_max,
+                              longbench_chat_template=self.lb_chat)
         print(write_harness_results(results, out_dir))
         metrics = {f"eval/harness/{task}": float(r["score"]) for task, r in results["results"].items()}
         metrics.update({f"eval/harness/{group}": float(g["score"]) for group, g in results["groups"].items()})
