@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lctw.eval.report import log_results, save_plot
+from lctw.eval.report import log_results, save_ruler_plots
 
 # The shortest RULER length (prompt and answer, in tokens). The needle tasks reserve 128 tokens for the
 # answer and their instructions take about as many again: with the tiny model's tokenizer the first task
@@ -34,8 +34,10 @@ class Ruler:
     """RULER on the model's own tokenizer: tasks × lengths, greedy decoding, the reference metrics."""
 
     def __init__(self, tasks: list[str] | None = None, lengths: list[int] = (1024,), samples: int = 20,
-                 batch_size: int = 8, seed: int = 42, chat_template: bool = False, data_dir: str | None = None):
+                 batch_size: int = 8, seed: int = 42, chat_template: bool | str = "auto", data_dir: str | None = None,
+                 fit: str = "exact"):
         from lctw.eval.ruler import TASKS
+        from lctw.eval.ruler.samples import FITS
 
         unknown = sorted(set(tasks or []) - set(TASKS))
         if unknown:
@@ -47,6 +49,11 @@ class Ruler:
                              "(a shorter prompt cannot hold a RULER task)")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is out of range: allowed >= 1")
+        if chat_template not in ("auto", True, False):
+            raise ValueError(f"chat_template={chat_template!r} is not allowed: choose auto, true or false")
+        if fit not in FITS:
+            raise ValueError(f"fit={fit!r} is not allowed: choose one of {list(FITS)}")
+        self.fit = fit
         self.tasks, self.lengths, self.samples = list(tasks) if tasks else None, [int(x) for x in lengths], samples
         self.batch_size, self.seed, self.chat_template, self.data_dir = batch_size, seed, chat_template, data_dir
 
@@ -54,15 +61,15 @@ class Ruler:
         from lctw.eval.ruler import results_table, run_ruler, write_results
 
         results = run_ruler(model, tokenizer, self.tasks, self.lengths, self.samples, batch_size=self.batch_size,
-                            seed=self.seed, chat_template=self.chat_template, data_dir=self.data_dir)
+                            seed=self.seed, chat_template=self.chat_template, data_dir=self.data_dir, fit=self.fit)
         out = Path(out_dir)
         print(write_results(results, out))
         table = results_table(results)
-        plot = save_plot(table.T, out / "ruler.png", "length (tokens)", "score", "RULER")
+        plots = save_ruler_plots(table, out)
         metrics = {f"eval/ruler/{task}/{length}": float(score)
                    for task, by_len in results["scores"].items() for length, score in by_len.items()}
         metrics.update({f"eval/ruler/average/{length}": float(v) for length, v in results["average"].items()})
-        log_results(logger, metrics, table, "eval/ruler", plot)
+        log_results(logger, metrics, table, "eval/ruler", plots)
         return metrics
 
 
