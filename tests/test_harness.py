@@ -460,11 +460,11 @@ def test_harness_config_few_shot_settings():
     assert (h.mmlu_fewshot, h.bbh_fewshot, h.lb_max, h.lb_chat) == (5, 3, None, "auto")
     h = Harness(tasks=["bbh"], data_dir=str(DATA), mmlu={"num_fewshot": 0}, bbh={"num_fewshot": 0})
     assert (h.mmlu_fewshot, h.bbh_fewshot) == (0, 0)
-    with pytest.raises(ValueError, match=r"bbh\.num_fewshot=5 is out of range: allowed 0-3 .*3 exemplars"):
+    with pytest.raises(ValueError, match=r"bbh: num_fewshot=5 is out of range: allowed 0-3 .*3 exemplars"):
         Harness(tasks=["bbh"], data_dir=str(DATA), bbh={"num_fewshot": 5})
     with pytest.raises(ValueError, match=r"mmlu: unknown options \['k'\]"):
         Harness(tasks=["mmlu"], data_dir=str(DATA), mmlu={"k": 5})
-    with pytest.raises(ValueError, match=r"longbench\.chat_template='yes' is not allowed"):
+    with pytest.raises(ValueError, match=r"longbench: chat_template='yes' is not allowed"):
         Harness(tasks=["longbench"], data_dir=str(DATA), longbench={"chat_template": "yes"})
 
 

@@ -101,17 +101,17 @@ class Harness:
         self.mmlu_fewshot = int(parts["mmlu"].get("num_fewshot", MMLU_FEWSHOT))
         self.bbh_fewshot = int(parts["bbh"].get("num_fewshot", BBH_FEWSHOT))
         if self.mmlu_fewshot < 0:
-            raise ValueError(f"mmlu.num_fewshot={self.mmlu_fewshot} is out of range: allowed >= 0 (standard: 5)")
+            raise ValueError(f"mmlu: num_fewshot={self.mmlu_fewshot} is out of range: allowed >= 0 (standard: 5)")
         if not 0 <= self.bbh_fewshot <= BBH_FEWSHOT:
-            raise ValueError(f"bbh.num_fewshot={self.bbh_fewshot} is out of range: allowed 0-{BBH_FEWSHOT} (the "
+            raise ValueError(f"bbh: num_fewshot={self.bbh_fewshot} is out of range: allowed 0-{BBH_FEWSHOT} (the "
                              f"official BBH prompt files hold {BBH_FEWSHOT} exemplars per task; 3 = lm-eval's "
                              "bbh_fewshot, 0 = bbh_zeroshot)")
         self.lb_max = parts["longbench"].get("max_length")
         if self.lb_max is not None and int(self.lb_max) < 2:
-            raise ValueError(f"longbench.max_length={self.lb_max} is out of range: allowed >= 2 or null")
+            raise ValueError(f"longbench: max_length={self.lb_max} is out of range: allowed >= 2 or null")
         self.lb_chat = parts["longbench"].get("chat_template", "auto")
         if self.lb_chat not in ("auto", True, False):
-            raise ValueError(f"longbench.chat_template={self.lb_chat!r} is not allowed: choose auto, true or false")
+            raise ValueError(f"longbench: chat_template={self.lb_chat!r} is not allowed: choose auto, true or false")
         self.tasks, self.data_dir, self.limit = list(tasks), data_dir, limit
         self.batch_size, self.chat_template = batch_size, chat_template
 
