@@ -2,14 +2,14 @@
 
 Each evaluation is called as ``evaluation(model, tokenizer, out_dir, logger=None, datamodule=None, n=…, N=…)``
 and returns flat metrics (``eval/ruler/<task>/<length>``, ``eval/ce/<lo>-<hi>``); it writes its table
-(CSV + JSON) and, except for the harness, a plot (PNG) under ``out_dir`` and logs metrics, the table and
-the plot to the logger.
+(CSV + JSON) and, except for the harness, plots (PNG) under ``out_dir`` and logs metrics, the table and
+the plots to the logger.
 The classes here are thin adapters from that call to the benchmarks' own entry points, so the
 benchmarks stay usable without Hydra:
 
 * ``Ruler`` (``eval=ruler``): the 13 RULER tasks (``lctw.eval.ruler``) per task and length.
-* ``Harness`` (``eval=harness``): MMLU, BBH (short-context retention) and LongBench through lm-eval,
-  on the user's local copies of the data (``lctw.eval.harness``).
+* ``Harness`` (``eval=harness``): MMLU, BBH (short-context retention) and LongBench, each in its
+  official profile by default, on the user's local copies of the data (``lctw.eval.harness``).
 * ``Suite`` (``eval=all``): several of them in turn.
 
 ``eval=ppl`` is ``lctw.eval.position.PositionPerplexity``, an evaluation of its own rather than an adapter.
