@@ -374,6 +374,22 @@ def test_other_longbench_metrics_hand_worked():
     assert H.longbench_score("samsum", "\nB leaves.\nA stays.", ["B leaves."]) == pytest.approx(1.0, abs=1e-7)
 
 
+def test_longbench_prompts_are_byte_identical_to_the_official_config():
+    """SHA-256 of the 16 English prompts of THUDM/LongBench ``LongBench/config/dataset2prompt.json``,
+    concatenated in task-name order (typos included: narrativeqa's "asconcisely"), and its generation
+    lengths (``dataset2maxlen.json``)."""
+    import hashlib
+
+    blob = "".join(H.LONGBENCH_TASKS[t].prompt for t in sorted(H.LONGBENCH_TASKS))
+    assert hashlib.sha256(blob.encode()).hexdigest() == (
+        "f302e88f3731689c786d8b501a014ad789d8f4bd296b3721ce669531cbdd0d41")
+    assert "asconcisely" in H.LONGBENCH_TASKS["narrativeqa"].prompt
+    assert {t: spec.max_new_tokens for t, spec in H.LONGBENCH_TASKS.items()} == {
+        "2wikimqa": 32, "gov_report": 512, "hotpotqa": 32, "lcc": 64, "multi_news": 512, "multifieldqa_en": 64,
+        "musique": 32, "narrativeqa": 128, "passage_count": 32, "passage_retrieval_en": 32, "qasper": 128,
+        "qmsum": 512, "repobench-p": 64, "samsum": 128, "trec": 64, "triviaqa": 32}
+
+
 # LongBench README (THUDM/LongBench, LongBench/README.md), Llama2-7B-chat-4k, English tasks
 README_LLAMA2 = {"narrativeqa": 18.7, "qasper": 19.2, "multifieldqa_en": 36.8, "hotpotqa": 25.4, "2wikimqa": 32.8,
                  "musique": 9.4, "gov_report": 27.3, "qmsum": 20.8, "multi_news": 25.8, "trec": 61.5,
