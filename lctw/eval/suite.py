@@ -125,6 +125,8 @@ class Harness:
         print(write_harness_results(results, out_dir))
         metrics = {f"eval/harness/{task}": float(r["score"]) for task, r in results["results"].items()}
         metrics.update({f"eval/harness/{group}": float(g["score"]) for group, g in results["groups"].items()})
+        metrics.update({f"eval/harness/{group}/{category}": float(v) for group, g in results["groups"].items()
+                        for category, v in g.get("categories", {}).items()})
         log_results(logger, metrics, results_table(results).set_index("task"), "eval/harness")
         return metrics
 
