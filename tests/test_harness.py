@@ -32,11 +32,11 @@ CHAT = (
 )
 
 
-def _tokenizer():
+def _tokenizer(add_bos: bool = False):
     from lctw.models import bpe_tokenizer
 
     corpus = [p.read_text(encoding="utf-8") for p in sorted(DATA.rglob("*")) if p.is_file()]
-    fast = bpe_tokenizer(corpus * 5, 600)
+    fast = bpe_tokenizer(corpus * 5, 600, add_bos=add_bos)
     fast.chat_template = CHAT
     return fast
 
@@ -44,6 +44,12 @@ def _tokenizer():
 @pytest.fixture(scope="module")
 def tok():
     return _tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bos_tok():
+    """The same vocabulary, adding BOS on encoding as Llama's tokenizer does (LongBench counts it)."""
+    return _tokenizer(add_bos=True)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +68,9 @@ def report(model, tok):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return H.run_harness(model, tok, ["mmlu_astronomy", "bbh", "longbench"], str(DATA), num_fewshot=2,
-                             log_samples=True)
+        # batch_size 16: the random model rarely stops, so all 9 BBH items run their 256 new tokens at once
+        return H.run_harness(model, tok, ["mmlu_astronomy", "bbh", "longbench"], str(DATA), mmlu_fewshot=2,
+                             batch_size=16, log_samples=True)
     finally:
         torch.set_num_threads(threads)
 
@@ -90,15 +97,17 @@ def test_structure_counts_and_ranges(report):
         assert len(report["samples"][task]) == r["n"]
     assert set(report["groups"]) == {"bbh", "longbench"}  # a single MMLU subject is not a group
     assert report["groups"]["bbh"]["tasks"] == 2 and report["groups"]["bbh"]["n"] == 9
-    assert report["config"]["num_fewshot"] == 2 and report["config"]["max_length"] == 1024
-    assert report["config"]["longbench_max_length"] == 524
+    config = report["config"]
+    assert config["mmlu_fewshot"] == 2 and config["bbh_fewshot"] == 3 and config["bbh_profile"] == "bbh_fewshot"
+    assert config["max_length"] == 1024 and config["longbench_max_length"] == 500  # model2maxlen-style for 1k
+    assert config["longbench_chat_template"] is True  # auto: the tokenizer has a chat template
 
 
 def test_scores_are_the_logged_predictions_under_the_reference_metrics(report):
     for task, rows in report["samples"].items():
         family, _, name = task.partition("_")
         result = report["results"][task]
-        if family == "bbh":
+        if family == "bbh":  # lm-eval's bbh_fewshot: exact match, nothing stripped
             per = [H.bbh_exact_match(s["prediction"], s["doc"]["target"]) for s in rows]
         elif family == "longbench":
             per = [H.longbench_score(name, s["prediction"], s["doc"]["answers"], s["doc"]["all_classes"])
@@ -107,8 +116,14 @@ def test_scores_are_the_logged_predictions_under_the_reference_metrics(report):
             per = [float(max(range(4), key=lambda i: s["prediction"][i]) == s["doc"]["answer"]) for s in rows]
         assert [s[result["metric"]] for s in rows] == pytest.approx(per)
         assert result["score"] == pytest.approx(100 * sum(per) / len(per))
-    bbh = [report["results"][t]["score"] for t in ("bbh_boolean_expressions", "bbh_sports_understanding")]
-    assert report["groups"]["bbh"]["score"] == pytest.approx(sum(bbh) / 2)
+    bbh = [report["results"][t] for t in ("bbh_boolean_expressions", "bbh_sports_understanding")]
+    # weighted by task size, as lm-eval's bbh group (5 and 4 items)
+    assert report["groups"]["bbh"]["score"] == pytest.approx((5 * bbh[0]["score"] + 4 * bbh[1]["score"]) / 9)
+    lb = {t.partition("_")[2]: r["score"] for t, r in report["results"].items() if t.startswith("longbench")}
+    # hotpotqa, gov_report, trec, passage_retrieval_en: four categories of one task each
+    assert report["groups"]["longbench"]["score"] == pytest.approx(sum(lb.values()) / 4)
+    assert set(report["groups"]["longbench"]["categories"]) == {"multi_doc_qa", "summarization", "few_shot",
+                                                                 "synthetic"}
 
 
 def test_mmlu_prompt_and_loglikelihoods_match_the_model(report, model, tok):
@@ -137,40 +152,128 @@ def test_mmlu_prompt_and_loglikelihoods_match_the_model(report, model, tok):
 
 
 def test_bbh_prompt_is_answer_only_few_shot(report):
+    """lm-eval's bbh_fewshot prompt, built from a file in the official cot-prompts format."""
     s = report["samples"]["bbh_boolean_expressions"][0]
     assert s["prompt"] == (
         "Evaluate the result of a random Boolean expression.\n\n"
         "Q: not ( ( not not True ) ) is\nA: False\n\n"
         "Q: True and False and not True and True is\nA: False\n\n"
+        "Q: not not ( not ( False ) ) is\nA: True\n\n"
         "Q: not ( True ) and ( True ) is\nA:"
     )
     s = report["samples"]["bbh_sports_understanding"][1]
     assert s["prompt"].startswith('Q: Is the following sentence plausible? "Cristiano Ronaldo headed')
     assert s["prompt"].endswith('"Serena Williams hit a home run in the ninth inning."\nA:')
     for rows in (report["samples"]["bbh_boolean_expressions"], report["samples"]["bbh_sports_understanding"]):
-        for s in rows:  # generation stops at the stop strings, which are never part of the prediction
-            assert "\n\n" not in s["prediction"] and "Q:" not in s["prediction"]
+        for s in rows:  # generation stops at lm-eval's stop strings, which are never part of the prediction
+            assert "\n\n" not in s["prediction"] and "Q" not in s["prediction"]
 
 
-def test_longbench_prompt_is_the_reference_template(report):
+def test_longbench_prompt_is_the_reference_template(report, tok):
+    """The reference prompt, wrapped in the chat template (auto: the tokenizer has one)."""
     row = json.loads((DATA / "longbench" / "hotpotqa.jsonl").read_text().splitlines()[0])
     prompt = H.LONGBENCH_TASKS["hotpotqa"].prompt.format(context=row["context"], input=row["input"])
-    assert report["samples"]["longbench_hotpotqa"][0]["prompt"] == prompt
+    assert report["samples"]["longbench_hotpotqa"][0]["prompt"] == f"<s><|user|>\n{prompt}</s>\n<|assistant|>\n"
     assert prompt.endswith(f"Question: {row['input']}\nAnswer:")
+    ref = json.loads((DATA / "longbench" / "trec.jsonl").read_text().splitlines()[0])
+    trec = H.LONGBENCH_TASKS["trec"].prompt.format(context=ref["context"], input=ref["input"])
+    assert report["samples"]["longbench_trec"][0]["prompt"] == trec  # few-shot tasks run raw
 
 
 def test_longbench_middle_truncation_and_chat_template(model, tok):
     torch.set_num_threads(1)
     out = H.run_harness(model, tok, ["longbench_hotpotqa", "longbench_trec"], str(DATA), limit=1,
-                        longbench_max_length=24, apply_chat_template=True, log_samples=True)
+                        longbench_max_length=24, longbench_chat_template=True, log_samples=True)
     row = json.loads((DATA / "longbench" / "hotpotqa.jsonl").read_text().splitlines()[0])
-    full = tok(H.LONGBENCH_TASKS["hotpotqa"].prompt.format(**row), add_special_tokens=False)["input_ids"]
+    full = tok(H.LONGBENCH_TASKS["hotpotqa"].prompt.format(**row))["input_ids"]
     kept = tok.decode(full[:12]) + tok.decode(full[-12:])
     hotpot = out["samples"]["longbench_hotpotqa"][0]["prompt"]
     assert hotpot == f"<s><|user|>\n{kept}</s>\n<|assistant|>\n"  # truncated in the middle, then wrapped
     trec = out["samples"]["longbench_trec"][0]["prompt"]
     assert trec.startswith("Please determine the") and "<|user|>" not in trec  # trec runs raw
     assert len(tok(trec, add_special_tokens=False)["input_ids"]) <= 24
+
+
+def _long_gov_report(tmp_path: Path) -> Path:
+    (tmp_path / "longbench").mkdir()
+    context = " ".join(["The agency reviewed the water program and found that funding rose."] * 120)
+    row = {"input": "", "context": context, "answers": ["Funding rose."], "all_classes": None, "length": 1300}
+    (tmp_path / "longbench" / "gov_report.jsonl").write_text(json.dumps(row) + "\n")
+    return tmp_path
+
+
+def test_longbench_long_prompt_keeps_bos_and_instruction(model, bos_tok, tmp_path, monkeypatch):
+    """A gov_report prompt far beyond the budget reaches the model as pred.py builds it: BOS, the first
+    instruction tokens and the closing instruction kept, the middle cut, nothing cut again afterwards
+    (lm-eval cut such prompts from the left to window - 512 tokens, losing BOS and the instruction)."""
+    torch.set_num_threads(1)
+    seen = []
+    generate = model.generate
+    # what reaches the model is recorded; one new token is enough for that (the random model never stops)
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw["input_ids"][0].tolist())
+                        or generate(**{**kw, "max_new_tokens": 1}))
+    out = H.run_harness(model, bos_tok, ["longbench_gov_report"], str(_long_gov_report(tmp_path)),
+                        longbench_chat_template=False, log_samples=True)
+    budget = out["config"]["longbench_max_length"]
+    assert budget == 500  # 1024 positions: 1 * 1000 - 500
+    row = json.loads((tmp_path / "longbench" / "gov_report.jsonl").read_text())
+    full = bos_tok(H.LONGBENCH_TASKS["gov_report"].prompt.format(**row))["input_ids"]
+    assert full[0] == bos_tok.bos_token_id and len(full) > 2 * budget
+    (ids,) = seen
+    assert ids[:20] == full[:20]  # BOS and "You are given a report by a government agency. ..."
+    assert bos_tok.decode(ids[:30]).startswith("<s>You are given a report by a government agency.")
+    assert ids[-10:] == full[-10:]  # "... Now, write a one-page summary of the report.\n\nSummary:"
+    assert abs(len(ids) - budget) <= 3  # re-tokenising the joined halves may merge a token at the seam
+    assert out["samples"]["longbench_gov_report"][0]["prompt_tokens"] == len(ids)
+
+
+def test_longbench_bos_kept_for_plain_prompts_next_to_chat_ones(model, bos_tok):
+    """trec runs raw and hotpotqa chat-wrapped: each is encoded on its own, so both start with one BOS."""
+    torch.set_num_threads(1)
+    out = H.run_harness(model, bos_tok, ["longbench_trec", "longbench_hotpotqa"], str(DATA), limit=2,
+                        batch_size=2, longbench_chat_template=True, log_samples=True)
+    for task in ("longbench_trec", "longbench_hotpotqa"):
+        for s in out["samples"][task]:
+            _, ids = H.longbench_prompt(bos_tok, task.partition("_")[2], s["doc"], 500, True)
+            assert ids[0] == bos_tok.bos_token_id and bos_tok.bos_token_id not in ids[1:]
+
+
+def test_samsum_generation_rule(model, tok):
+    """samsum as pred.py: the first new token may not be a newline (nor EOS), a newline ends generation.
+    The model's head is replaced by one that always prefers the newline, then the token "len", so the
+    rule alone decides the output."""
+    import copy
+
+    torch.set_num_threads(1)
+    biased = copy.deepcopy(model)
+    newline, other = tok.encode("\n", add_special_tokens=False)[-1], tok.convert_tokens_to_ids("len")
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[newline], head.bias[other] = 10.0, 5.0
+    biased.lm_head = head
+    row = {"context": "Dialogue: A: hi\nSummary: A greets.", "input": "Dialogue: B: bye\nSummary:",
+           "answers": ["B leaves."], "all_classes": None}
+    _, (sample,) = H.run_longbench_task(biased, tok, "samsum", [row], 500, chat=False)
+    assert sample["prediction"] == "len\n"  # the newline is kept in the text, as in pred.py
+    _, (sample,) = H.run_longbench_task(biased, tok, "trec", [row], 500, chat=False)
+    assert sample["prediction"] == "\n" * 64  # without the rule: newlines up to trec's 64 new tokens
+
+
+def test_longbench_e_is_a_separate_benchmark(model, tok, tmp_path):
+    torch.set_num_threads(1)
+    shutil.copytree(DATA / "longbench", tmp_path / "longbench")
+    rows = [json.loads(x) for x in (DATA / "longbench" / "hotpotqa.jsonl").read_text().splitlines()]
+    for row, length in zip(rows, (1000, 5000, 9000), strict=True):
+        row["length"] = length
+    (tmp_path / "longbench" / "hotpotqa_e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "hotpotqa_e" not in H.readers.expand_tasks(tmp_path, ["longbench"])["longbench"]
+    out = H.run_harness(model, tok, ["longbench_e"], str(tmp_path))
+    assert list(out["results"]) == ["longbench_hotpotqa_e"] and set(out["groups"]) == {"longbench_e"}
+    r = out["results"]["longbench_hotpotqa_e"]
+    assert set(r["by_length"]) == {"0-4k", "4-8k", "8k+"}
+    assert sum(r["by_length"].values()) / 3 == pytest.approx(r["score"])  # one row per bucket
 
 
 def test_write_results(report, tmp_path):
@@ -191,10 +294,12 @@ def test_missing_and_malformed_data_errors(model, tok, tmp_path):
     shutil.copytree(DATA, tmp_path, dirs_exist_ok=True)
     with pytest.raises(H.HarnessDataError, match=r"'date_understanding'.*date_understanding\.json"):
         run(["bbh_date_understanding"])
+    (tmp_path / "mmlu" / "high_school_mathematics_dev.csv").unlink()
     with pytest.raises(H.HarnessDataError, match=r"few-shot file high_school_mathematics_dev"):
-        run(["mmlu"], num_fewshot=1)
-    with pytest.raises(H.HarnessDataError, match=r"3 few-shot exemplars .*found 2"):
-        run(["bbh_sports_understanding"], num_fewshot=3)
+        run(["mmlu"], mmlu_fewshot=1)
+    (tmp_path / "bbh" / "sports_understanding_fewshot.jsonl").write_text('{"input": "q", "target": "yes"}\n')
+    with pytest.raises(H.HarnessDataError, match=r"3 few-shot exemplars .*found 1"):
+        run(["bbh_sports_understanding"])
     (tmp_path / "longbench" / "qasper.jsonl").write_text(json.dumps({"input": "q", "answers": ["a"]}) + "\n")
     with pytest.raises(H.HarnessDataError, match=r"qasper\.jsonl: row 0 lacks \['context'\]"):
         run(["longbench_qasper"])
@@ -211,6 +316,8 @@ def test_missing_lm_eval_names_the_install(monkeypatch, model, tok):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match="pip install lm-eval"):
         H.run_harness(model, tok, ["mmlu"], str(DATA))
+    out = H.run_harness(model, tok, ["longbench_trec"], str(DATA), limit=1)  # LongBench does not need it
+    assert out["results"]["longbench_trec"]["n"] == 1
 
 
 # --- Metrics, hand-worked ---------------------------------------------------------------------------
@@ -264,13 +371,122 @@ def test_other_longbench_metrics_hand_worked():
     assert H.longbench_score("trec", "\nDate\nAnimal", ["Date"], classes) == 1.0
     assert H.longbench_score("hotpotqa", "Danube river", ["the Danube", "Danube river"]) == 1.0
     assert H.longbench_score("hotpotqa_e", "Danube", ["the Danube", "Danube river"]) == 1.0
-    assert H.bbh_exact_match(" False", "False") == 1.0 and H.bbh_exact_match("false", "False") == 0.0
+    assert H.longbench_score("samsum", "\nB leaves.\nA stays.", ["B leaves."]) == pytest.approx(1.0, abs=1e-7)
 
 
-def test_parse_bbh_prompt():
-    description, shots = H.parse_bbh_prompt((DATA / "bbh" / "boolean_expressions.txt").read_text())
-    assert description == "Evaluate the result of a random Boolean expression."
-    assert [s["target"] for s in shots] == ["False", "False", "True"]
-    assert shots[2]["input"] == "not not ( not ( False ) ) is"
-    with pytest.raises(ValueError, match="separator"):
+def test_longbench_prompts_are_byte_identical_to_the_official_config():
+    """SHA-256 of the 16 English prompts of THUDM/LongBench ``LongBench/config/dataset2prompt.json``,
+    concatenated in task-name order (typos included: narrativeqa's "asconcisely"), and its generation
+    lengths (``dataset2maxlen.json``)."""
+    import hashlib
+
+    blob = "".join(H.LONGBENCH_TASKS[t].prompt for t in sorted(H.LONGBENCH_TASKS))
+    assert hashlib.sha256(blob.encode()).hexdigest() == (
+        "f302e88f3731689c786d8b501a014ad789d8f4bd296b3721ce669531cbdd0d41")
+    assert "asconcisely" in H.LONGBENCH_TASKS["narrativeqa"].prompt
+    assert {t: spec.max_new_tokens for t, spec in H.LONGBENCH_TASKS.items()} == {
+        "2wikimqa": 32, "gov_report": 512, "hotpotqa": 32, "lcc": 64, "multi_news": 512, "multifieldqa_en": 64,
+        "musique": 32, "narrativeqa": 128, "passage_count": 32, "passage_retrieval_en": 32, "qasper": 128,
+        "qmsum": 512, "repobench-p": 64, "samsum": 128, "trec": 64, "triviaqa": 32}
+
+
+# LongBench README (THUDM/LongBench, LongBench/README.md), Llama2-7B-chat-4k, English tasks
+README_LLAMA2 = {"narrativeqa": 18.7, "qasper": 19.2, "multifieldqa_en": 36.8, "hotpotqa": 25.4, "2wikimqa": 32.8,
+                 "musique": 9.4, "gov_report": 27.3, "qmsum": 20.8, "multi_news": 25.8, "trec": 61.5,
+                 "triviaqa": 77.8, "samsum": 40.7, "passage_count": 2.1, "passage_retrieval_en": 9.8,
+                 "lcc": 52.4, "repobench-p": 43.8}
+README_LLAMA2_CATEGORIES = {"single_doc_qa": 24.9, "multi_doc_qa": 22.6, "summarization": 24.7, "few_shot": 60.0,
+                            "code": 48.1, "synthetic": 5.9}  # its leaderboard row; "Avg" 31.0
+
+
+def test_longbench_average_is_the_mean_of_category_means():
+    out = H.longbench_average(README_LLAMA2)
+    average = out.pop("average")
+    # the README rounds categories from unrounded task scores: within 0.1 of the rounded task means
+    assert out == pytest.approx(README_LLAMA2_CATEGORIES, abs=0.1)
+    assert round(average, 1) == 31.0
+    assert round(sum(README_LLAMA2.values()) / 16, 1) == 31.5  # the mean over tasks is not the README's Avg
+    assert H.longbench_average({"hotpotqa_e": 30.0, "musique_e": 10.0, "trec_e": 60.0})["average"] == 40.0
+
+
+@pytest.mark.parametrize("profile", [{}, H.tasks.BBH_ZEROSHOT_MATCH])
+def test_bbh_exact_match_is_lm_evals(profile):
+    """lm-eval's own exact_match on the pairs a generation produces: leading/trailing spaces, case, the
+    final period and quotes (removed only by the zero-shot options)."""
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+
+    pairs = [(" False", "False"), ("False", "False"), ("False ", "False"), ("false", "False"), (" (A)", "(A)"),
+             ("(A).", "(A)"), ('"yes"', "yes"), ("valid\n", "valid"), ("1, 2", "12"), ("] )", "] )")]
+    for pred, target in pairs:
+        expected = exact_match_hf_evaluate([pred], [target], **profile)["exact_match"]
+        assert H.bbh_exact_match(pred, target, **profile) == expected, (pred, target)
+    assert H.bbh_exact_match(" False", "False") == 0.0  # lm-eval's bbh_fewshot: the leading space counts
+    assert H.bbh_exact_match("false.", "False", **H.tasks.BBH_ZEROSHOT_MATCH) == 1.0
+
+
+def test_parse_bbh_prompt_official_format_as_lm_eval():
+    """The fixture is in the official cot-prompts format (canary line, '-----', description, CoT
+    exemplars); parsed, it gives the description and exemplars of lm-eval's own bbh_fewshot YAML."""
+    import lm_eval
+    import yaml
+
+    text = (DATA / "bbh" / "boolean_expressions.txt").read_text()
+    assert text.splitlines()[1] == "-----"
+    description, shots = H.parse_bbh_prompt(text)
+    stock = Path(lm_eval.__file__).parent / "tasks" / "bbh" / "fewshot" / "boolean_expressions.yaml"
+    reference = yaml.safe_load(stock.read_text())
+    assert description + "\n\n" == reference["description"]
+    assert shots == reference["fewshot_config"]["samples"]
+    with pytest.raises(ValueError, match="-----"):
         H.parse_bbh_prompt("Q: x\nA: y")
+    with pytest.raises(ValueError, match="cannot parse exemplar"):
+        H.parse_bbh_prompt("canary\n-----\nA task.\n\nQ: x\nA: no answer here")
+
+
+def test_code_sim_is_fuzzywuzzy_without_levenshtein():
+    fuzz = pytest.importorskip("fuzzywuzzy.fuzz", reason="pip install fuzzywuzzy (LongBench's code_sim package)")
+    if fuzz.SequenceMatcher.__module__ != "difflib":
+        pytest.skip("python-Levenshtein is installed: fuzzywuzzy no longer computes LongBench's ratio")
+    pairs = [("x = 1", "x = 1"), ("abcd", "abce"), ("", "x"), ("return self.value", "return value"),
+             ("for i in range(n):", "for j in range(m):"), ("a" * 300 + "b", "a" * 250 + "c")]
+    for pred, gold in pairs:
+        assert H.code_sim_score(pred, gold) == fuzz.ratio(pred, gold) / 100, (pred, gold)
+
+
+def test_bbh_zero_shot_is_lm_evals_bbh_zeroshot(model, tok):
+    """k = 0: description + "Q: ...\nA:", lm-eval's zero-shot stop strings, and the score on its
+    flexible-extract filter with the case-insensitive match (strict-match reported beside it)."""
+    torch.set_num_threads(1)
+    out = H.run_harness(model, tok, ["bbh_boolean_expressions"], str(DATA), bbh_fewshot=0, limit=2, batch_size=2,
+                        log_samples=True)
+    assert out["config"]["bbh_profile"] == "bbh_zeroshot"
+    r = out["results"]["bbh_boolean_expressions"]
+    assert "exact_match_strict" in r
+    rows = out["samples"]["bbh_boolean_expressions"]
+    assert {s["filter"] for s in rows} == {"strict-match", "flexible-extract"}
+    for s in rows:
+        assert s["prompt"] == f"Evaluate the result of a random Boolean expression.\n\nQ: {s['doc']['input']}\nA:"
+        assert s["exact_match"] == H.bbh_exact_match(s["prediction"], s["doc"]["target"], **H.tasks.BBH_ZEROSHOT_MATCH)
+    flexible = [s["exact_match"] for s in rows if s["filter"] == "flexible-extract"]
+    assert r["score"] == pytest.approx(100 * sum(flexible) / len(flexible))
+
+
+def test_harness_config_few_shot_settings():
+    from lctw.eval.suite import Harness
+
+    h = Harness(tasks=["mmlu", "bbh"], data_dir=str(DATA))
+    assert (h.mmlu_fewshot, h.bbh_fewshot, h.lb_max, h.lb_chat) == (5, 3, None, "auto")
+    h = Harness(tasks=["bbh"], data_dir=str(DATA), mmlu={"num_fewshot": 0}, bbh={"num_fewshot": 0})
+    assert (h.mmlu_fewshot, h.bbh_fewshot) == (0, 0)
+    with pytest.raises(ValueError, match=r"bbh: num_fewshot=5 is out of range: allowed 0-3 .*3 exemplars"):
+        Harness(tasks=["bbh"], data_dir=str(DATA), bbh={"num_fewshot": 5})
+    with pytest.raises(ValueError, match=r"mmlu: unknown options \['k'\]"):
+        Harness(tasks=["mmlu"], data_dir=str(DATA), mmlu={"k": 5})
+    with pytest.raises(ValueError, match=r"longbench: chat_template='yes' is not allowed"):
+        Harness(tasks=["longbench"], data_dir=str(DATA), longbench={"chat_template": "yes"})
+
+
+def test_longbench_budget_is_model2maxlen():
+    assert [H.tasks.longbench_budget(w) for w in (4096, 8192, 16384, 32768)] == [3500, 7500, 15500, 31500]
+    with pytest.raises(ValueError, match="eval.longbench.max_length"):
+        H.tasks.longbench_budget(256)

@@ -14,7 +14,8 @@ when all 13 ran (see ``results["errors"]``). Data needs ``pip install wonderword
 The rest of the package:
 
 * ``ruler`` (package), ``ruler_sources``, ``metrics``: RULER itself, its offline data, its metrics.
-* ``harness`` (package): MMLU / BBH / LongBench through lm-eval on local data (``run_harness``).
+* ``harness`` (package): MMLU / BBH through lm-eval and LongBench as its authors run it, on local data
+  (``run_harness``), each in its official profile by default.
 * ``position``: cross-entropy by position bucket on held-out documents.
 * ``suite``: the ``eval`` config group's evaluations, run by ``eval.py`` and ``train.py``.
 * ``report``: their plots and logger output.

@@ -9,7 +9,11 @@ reference's numbers without them:
   it is what published LongBench numbers use. One departure: the LCS is reconstructed iteratively (the
   package recurses and, through LongBench's bare ``except``, scores 0 for a sentence pair longer than
   Python's recursion limit).
-* ``code_sim_score`` uses difflib's ratio, which is what fuzzywuzzy uses without python-Levenshtein.
+* ``code_sim_score`` is ``fuzzywuzzy.fuzz.ratio`` as LongBench's ``requirements.txt`` installs it:
+  fuzzywuzzy without python-Levenshtein, so difflib's ``SequenceMatcher`` (autojunk on), ``int(round(.))``
+  of the percentage, 0 for an empty string. With python-Levenshtein installed fuzzywuzzy would switch to
+  another ratio (a normalised indel distance) and lcc / repobench-p would move by a point or more; here
+  the metric is pinned to difflib whatever is installed (the ``eval`` extra needs neither package).
 
 Every metric returns a score in [0, 1] for one sample; the runner reports means on 0-100.
 """
@@ -125,7 +129,11 @@ def count_score(prediction: str, ground_truth: str, **_) -> float:
 def code_sim_score(prediction: str, ground_truth: str, **_) -> float:
     """lcc / repobench-p: similarity of the first line that is not a comment or a code fence."""
     line = next((ln for ln in prediction.lstrip("\n").split("\n") if not any(c in ln for c in ("`", "#", "//"))), "")
-    return round(100 * SequenceMatcher(None, line, ground_truth).ratio()) / 100
+    if line == ground_truth:  # fuzz.ratio's guards: equal strings 100, an empty one 0
+        return 1.0
+    if not line or not ground_truth:
+        return 0.0
+    return int(round(100 * SequenceMatcher(None, line, ground_truth).ratio())) / 100
 
 
 LONGBENCH_METRICS: dict[str, Callable[..., float]] = {
@@ -147,6 +155,16 @@ def longbench_score(task: str, prediction: str, answers: Sequence[str], all_clas
     return max([0.0, *(metric(prediction, gt, all_classes=all_classes or ()) for gt in answers)])
 
 
-def bbh_exact_match(prediction: str, target: str) -> float:
-    """BBH exact match: the stripped generation equals the stripped target (case-sensitive)."""
-    return float(prediction.strip() == target.strip())
+def bbh_exact_match(prediction: str, target: str, ignore_case: bool = False,
+                    regexes_to_ignore: Sequence[str] = ()) -> float:
+    """lm-eval's ``exact_match`` (``exact_match_hf_evaluate``) on one pair, with the options BBH uses.
+
+    Nothing is stripped: few-shot BBH (no options) scores a generation " False" as wrong against "False",
+    as lm-eval does. Zero-shot BBH passes ``ignore_case`` and its ``regexes_to_ignore``, each removed from
+    both strings in turn before the comparison.
+    """
+    for pattern in regexes_to_ignore:
+        prediction, target = re.sub(pattern, "", prediction), re.sub(pattern, "", target)
+    if ignore_case:
+        prediction, target = prediction.lower(), target.lower()
+    return float(prediction == target)

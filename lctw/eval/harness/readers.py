@@ -7,9 +7,10 @@ format. Rows come back normalised to one shape per family, whatever the file typ
 * MMLU: ``{"question", "choices" (4 strings), "answer" (0-3)}`` from the cais/mmlu columns (``answer``
   0-3 or A-D) or the original headerless ``.csv`` (question, A, B, C, D, answer letter).
 * BBH: ``{"input", "target"}`` rows; exemplars from ``<task>_fewshot.jsonl`` or, with the task's
-  description, from a file of the official ``cot-prompts`` directory: each exemplar's chain of thought
-  is dropped, keeping the answer after "So the answer is" -- this is how the paper's answer-only
-  prompts relate to the CoT ones.
+  description, from the task's file of the official ``cot-prompts`` directory, read as lm-eval's
+  ``bbh/_generate_configs.py`` reads it (``parse_bbh_prompt``): each exemplar's chain of thought is
+  dropped, keeping the answer after "answer is" -- how lm-eval's answer-only ``bbh_fewshot`` prompts
+  come from the CoT ones.
 * LongBench: its own ``{"context", "input", "answers", ...}`` rows, unchanged.
 """
 
@@ -35,6 +36,8 @@ def expand_tasks(data_dir: Path, tasks: Sequence[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for t in tasks:
         family, _, name = t.partition("_")
+        if t == "longbench_e":  # LongBench-E: a separate benchmark on the same tasks (the _e files)
+            family, name = "longbench", ""
         if family not in FAMILIES:
             raise KeyError(f"unknown harness task {t!r}: use mmlu, bbh, longbench or <family>_<name>")
         folder = data_dir / family
@@ -50,7 +53,9 @@ def expand_tasks(data_dir: Path, tasks: Sequence[str]) -> dict[str, list[str]]:
             names = sorted(p.stem for p in folder.iterdir()
                            if p.suffix in (".json", ".jsonl") and not p.stem.endswith("_fewshot"))
         else:
-            names = sorted(p.stem for p in folder.glob("*.jsonl") if longbench_base(p.stem) in LONGBENCH_TASKS)
+            e = t == "longbench_e"
+            names = sorted(p.stem for p in folder.glob("*.jsonl")
+                           if p.stem.endswith("_e") == e and longbench_base(p.stem) in LONGBENCH_TASKS)
         if not names:
             raise _missing(family, family, folder, "task files")
         out[t] = names
@@ -120,20 +125,26 @@ def read_longbench(data_dir: Path, name: str) -> list[dict]:
 def parse_bbh_prompt(text: str) -> tuple[str, list[dict]]:
     """An official BBH ``cot-prompts/<task>.txt`` -> (description, answer-only exemplars).
 
-    The file is a description line, a ``-----`` separator and "Q: ...\\nA: Let's think step by step. ...
-    So the answer is X." blocks; the answer-only exemplar keeps the question and X.
+    The file is a canary line, a ``-----`` line, the task description, then "Q: ...\nA: Let's think step
+    by step. ... So the answer is X." exemplars, all separated by blank lines. As in lm-eval's generator:
+    everything before the last ``-----`` line is dropped, the rest is split at blank lines, the answer is
+    what follows the first "answer is " up to the line's last character (the final "."), and the question
+    is what precedes "Let's think step by step.".
     """
-    head, sep, body = text.partition("-----")
+    head, sep, body = text.replace("\r\n", "\n").rpartition("\n-----\n")
     if not sep:
-        raise ValueError("no '-----' separator after the task description")
+        raise ValueError("no '-----' line after the canary line")
+    description, *blocks = body.strip("\n").split("\n\n")
     shots = []
-    for block in re.split(r"\n\s*\n(?=Q:)", body.strip()):
-        q, a = block.split("\nA:", 1) if "\nA:" in block else (block, "")
-        found = re.findall(r"So the answer is (.*?)\.?\s*$", a.strip(), flags=re.S)
-        if not q.startswith("Q:") or not found:
+    for block in blocks:
+        answer = re.search(r"(?<=answer is )(.*)(?=.)", block)
+        question = re.fullmatch(r"Q: (.*)\nA: ", block.split("Let's think step by step.")[0], flags=re.S)
+        if answer is None or question is None:
             raise ValueError(f"cannot parse exemplar: {block[:80]!r}")
-        shots.append({"input": q[2:].strip(), "target": found[-1].strip()})
-    return head.strip(), shots
+        shots.append({"input": question.group(1), "target": answer.group(0)})
+    if description.startswith("Q: "):
+        raise ValueError("no task description after the '-----' line")
+    return description, shots
 
 
 def _read_rows(path: Path) -> list[dict]:

@@ -1,8 +1,8 @@
-"""``run_harness``: lm-eval on the generated task configs, then per-task scores, group averages and tables.
+"""``run_harness``: MMLU / BBH through lm-eval, LongBench as its reference runs it, then scores and averages.
 
-The runner owns only what lm-eval does not: which model and chat setting each group of tasks runs with,
-how lm-eval's raw results map to the reported scores (0-100, like RULER's; ``<metric>_stderr`` is
-lm-eval's bootstrap/analytic standard error on the same scale) and how families are averaged.
+The runner owns only what the benchmarks' own code does not: which runner each family goes to, how
+lm-eval's raw results map to the reported scores (0-100, like RULER's; ``<metric>_stderr`` is the
+standard error of the mean on the same scale) and how families are averaged (``_group``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from lctw.eval.harness.lmeval import TaskWriter
-from lctw.eval.harness.readers import HarnessDataError, expand_tasks
-from lctw.eval.harness.tasks import LONGBENCH_TASKS
-
-_LB_METRICS = tuple(dict.fromkeys(t.metric for t in LONGBENCH_TASKS.values()))
+from lctw.eval.harness.longbench import run_longbench_task
+from lctw.eval.harness.readers import HarnessDataError, expand_tasks, read_longbench
+from lctw.eval.harness.tasks import (
+    BBH_FEWSHOT,
+    LONGBENCH_CATEGORIES,
+    MMLU_FEWSHOT,
+    longbench_budget,
+    longbench_category,
+)
 
 
 def _import_lm_eval():
@@ -26,7 +31,7 @@ def _import_lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise ImportError("lctw.eval.harness needs EleutherAI's lm-eval: pip install lm-eval") from e
+        raise ImportError("lctw.eval.harness needs EleutherAI's lm-eval for MMLU and BBH: pip install lm-eval") from e
     return lm_eval, HFLM, TaskManager
 
 
@@ -35,133 +40,186 @@ def _model_max_length(model) -> int | None:
     return int(value) if value else None
 
 
+def resolve_chat(chat_template: bool | str, tokenizer) -> bool:
+    """``auto``: on when the tokenizer has a chat template (how LongBench and RULER treat chat models)."""
+    if chat_template == "auto":
+        return bool(getattr(tokenizer, "chat_template", None))
+    return bool(chat_template)
+
+
 def run_harness(
     model,
     tokenizer,
     tasks: list[str],
     data_dir: str,
-    num_fewshot: int = 0,
+    mmlu_fewshot: int = MMLU_FEWSHOT,
+    bbh_fewshot: int = BBH_FEWSHOT,
     limit: int | float | None = None,
     batch_size: int = 1,
-    apply_chat_template: bool = False,
+    chat_template: bool = False,
     max_length: int | None = None,
     longbench_max_length: int | None = None,
+    longbench_chat_template: bool | str = "auto",
     work_dir: str | None = None,
     log_samples: bool = False,
     seed: int = 1234,
 ) -> dict:
-    """Evaluate an already-loaded causal LM on local MMLU / BBH / LongBench data with lm-eval.
+    """Evaluate an already-loaded causal LM on local MMLU / BBH / LongBench data.
 
-    ``tasks`` takes families (``mmlu``, ``bbh``, ``longbench``: every task found under ``data_dir``) or
-    single tasks (``mmlu_<subject>``, ``bbh_<task>``, ``longbench_<task>``). ``num_fewshot`` applies to
-    MMLU and BBH (standard: 5 and 3); LongBench prompts carry their own examples. ``limit`` is lm-eval's
-    (first n docs per task, or a fraction). ``apply_chat_template`` wraps MMLU/BBH prompts with lm-eval's
-    chat rendering and LongBench prompts with the tokenizer's template (except the tasks LongBench runs
-    raw). ``max_length`` is lm-eval's context window (default: the model's ``max_position_embeddings``);
-    ``longbench_max_length`` is the prompt budget for middle truncation (default: that window minus 500,
-    LongBench's convention, e.g. 3500 for a 4k model). ``work_dir`` keeps the generated YAMLs and JSONL
-    (default: a temporary directory removed afterwards).
+    ``tasks`` takes families (``mmlu``, ``bbh``, ``longbench``, ``longbench_e``: every task found under
+    ``data_dir``) or single tasks (``mmlu_<subject>``, ``bbh_<task>``, ``longbench_<task>``). The defaults
+    are the official profiles (``lctw.eval.harness.tasks``): 5-shot MMLU, 3-shot BBH (``bbh_fewshot=0``
+    is lm-eval's ``bbh_zeroshot``), LongBench with its own prompts. ``limit`` is lm-eval's (first n docs
+    per task, or a fraction), applied to LongBench alike. ``chat_template`` is lm-eval's
+    ``apply_chat_template`` for MMLU / BBH (off in lm-eval's standard runs). ``max_length`` is lm-eval's
+    context window (default: the model's ``max_position_embeddings``). ``longbench_max_length`` is
+    LongBench's prompt budget for middle truncation (default: ``longbench_budget`` of that window, as
+    ``model2maxlen.json``: 3500 for a 4096-position model); ``longbench_chat_template`` wraps LongBench's
+    chat tasks in the tokenizer's template (``auto``: when it has one, as LongBench does for chat models).
+    ``work_dir`` keeps the generated YAMLs and JSONL (default: a temporary directory removed afterwards).
 
     Returns ``{"results": {task: {"score", <metric>, <metric>_stderr, "n", "family", "metric"}},
-    "groups": {family or requested name: {"score", "n", "tasks"}}, "config": {...}}`` and, with
-    ``log_samples``, ``"samples": {task: [{"doc", "prediction", ...}]}``. Scores are on 0-100.
+    "groups": {family or requested name: {"score", "n", "tasks", ...}}, "config": {...}}`` and, with
+    ``log_samples``, ``"samples": {task: [{"doc", "prompt", "prediction", ...}]}``. Scores are on 0-100.
     """
-    lm_eval, HFLM, TaskManager = _import_lm_eval()
     data = Path(data_dir).expanduser()
     if not data.is_dir():
         raise HarnessDataError(f"data_dir {data} does not exist")
-    if num_fewshot < 0:
-        raise ValueError("num_fewshot must be >= 0")
+    if mmlu_fewshot < 0 or bbh_fewshot < 0:
+        raise ValueError("mmlu_fewshot and bbh_fewshot must be >= 0")
     window = max_length or _model_max_length(model)
-    if longbench_max_length is None and window:
-        longbench_max_length = max(window - 500, window // 2)
+    requested = expand_tasks(data, tasks)
+    names: dict[str, tuple[str, str]] = {}  # runner task name -> (family, short name)
+    lb_tasks = {}
+    lm_families = any(req.partition("_")[0] != "longbench" for req in requested)
+    lm_eval = None
+    if lm_families:
+        lm_eval, HFLM, TaskManager = _import_lm_eval()
+    lb_chat = resolve_chat(longbench_chat_template, tokenizer)
+    if any(req.startswith("longbench") for req in requested) and longbench_max_length is None:
+        if not window:
+            raise ValueError("LongBench needs longbench_max_length: the model config has no max_position_embeddings")
+        longbench_max_length = longbench_budget(window)
 
     tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="lctw-harness-")
     work = Path(work_dir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    samples: dict[str, list] = {}
     try:
-        writer = TaskWriter(data, work, num_fewshot, tokenizer, longbench_max_length, apply_chat_template)
-        requested = expand_tasks(data, tasks)
-        names: dict[str, tuple[str, str]] = {}  # lm-eval task -> (family, short name)
+        writer = TaskWriter(data, work, mmlu_fewshot, bbh_fewshot) if lm_families else None
         for req, subs in requested.items():
             family = req.partition("_")[0]
             for sub in subs:
-                names.setdefault(writer.write(family, sub), (family, sub))
-
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=window)
-        manager = TaskManager(include_path=str(work), include_defaults=False)
-        # LongBench renders its own chat wrapper (per task), so it runs in a call without lm-eval's.
-        groups = [[t for t, (f, _) in names.items() if f != "longbench"],
-                  [t for t, (f, _) in names.items() if f == "longbench"]]
-        results: dict[str, dict] = {}
-        samples: dict[str, list] = {}
-        for group, chat in zip(groups, (apply_chat_template, False), strict=True):
-            if not group:
-                continue
+                if family == "longbench":
+                    lb_tasks.setdefault(sub, read_longbench(data, sub))
+                else:
+                    names.setdefault(writer.write(family, sub), (family, sub))
+        if names:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=window)
+            manager = TaskManager(include_path=str(work), include_defaults=False)
             out = lm_eval.simple_evaluate(
-                model=lm, tasks=group, task_manager=manager, limit=limit, log_samples=log_samples,
-                apply_chat_template=chat, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
+                model=lm, tasks=list(names), task_manager=manager, limit=limit, log_samples=log_samples,
+                apply_chat_template=chat_template, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
                 torch_random_seed=seed, fewshot_random_seed=seed,
             )
-            if out is None:  # non-zero ranks under torch.distributed
-                continue
-            for task in group:
-                family, short = names[task]
+            for task, (family, short) in names.items():
+                if out is None:  # non-zero ranks under torch.distributed
+                    break
                 results[f"{family}_{short}"] = _task_metrics(out, task, family)
                 if log_samples:
                     samples[f"{family}_{short}"] = [_sample(s, family) for s in out["samples"].get(task, [])]
     finally:
         if tmp is not None:
             tmp.cleanup()
+    was_training = model.training
+    model.eval()
+    try:
+        for sub, rows in lb_tasks.items():
+            rows = _limit(rows, limit)
+            results[f"longbench_{sub}"], logged = run_longbench_task(model, tokenizer, sub, rows,
+                                                                     longbench_max_length, lb_chat, batch_size)
+            if log_samples:
+                samples[f"longbench_{sub}"] = logged
+    finally:
+        model.train(was_training)
 
     report: dict[str, Any] = {
         "results": results,
         "groups": {req: _group(req, [f"{req.partition('_')[0]}_{s}" for s in subs], results)
-                   for req, subs in requested.items() if len(subs) > 1 or "_" not in req},
-        "config": dict(tasks=list(tasks), data_dir=str(data), num_fewshot=num_fewshot, limit=limit,
-                       batch_size=batch_size, apply_chat_template=apply_chat_template, max_length=window,
-                       longbench_max_length=longbench_max_length, seed=seed,
-                       lm_eval_version=getattr(lm_eval, "__version__", "unknown")),
+                   for req, subs in requested.items() if len(subs) > 1 or "_" not in req or req == "longbench_e"},
+        "config": dict(tasks=list(tasks), data_dir=str(data), mmlu_fewshot=mmlu_fewshot, bbh_fewshot=bbh_fewshot,
+                       bbh_profile="bbh_fewshot" if bbh_fewshot else "bbh_zeroshot", limit=limit,
+                       batch_size=batch_size, chat_template=chat_template, max_length=window,
+                       longbench_max_length=longbench_max_length, longbench_chat_template=lb_chat, seed=seed,
+                       lm_eval_version=getattr(lm_eval, "__version__", None)),
     }
     if log_samples:
         report["samples"] = samples
     return report
 
 
+def _limit(rows: list, limit: int | float | None) -> list:
+    """lm-eval's ``limit``: the first n rows, or the first ceil(fraction * len) of them."""
+    if limit is None:
+        return rows
+    return rows[: int(math.ceil(len(rows) * limit)) if limit < 1.0 else int(limit)]
+
+
 def _sample(s: dict, family: str) -> dict:
     """One logged sample: the prompt exactly as the model saw it (before tokenisation), the prediction
-    (the generation, or for MMLU the log-likelihood of each letter) and the per-sample metric."""
+    (the generation after lm-eval's filter ``filter``, or for MMLU the log-likelihood of each letter), the
+    raw generation and the per-sample metric."""
     args = s["arguments"][0]
     if family == "mmlu":
-        prediction = [float(ll) for ll, _ in s["filtered_resps"]]
+        prediction, raw = [float(ll) for ll, _ in s["filtered_resps"]], None
     else:
-        prediction = s["filtered_resps"][0]
-    metrics = {k: float(v) for k, v in s.items() if k in ("acc", "exact_match", *_LB_METRICS)}
-    return {"doc": s["doc"], "prompt": args[0], "prediction": prediction, **metrics}
+        prediction, raw = s["filtered_resps"][0], s["resps"][0][0]
+    metrics = {k: float(v) for k, v in s.items() if k in ("acc", "exact_match")}
+    return {"doc": s["doc"], "prompt": args[0], "prediction": prediction, "generation": raw,
+            "filter": s.get("filter", "none"), **metrics}
 
 
 def _task_metrics(out: dict, task: str, family: str) -> dict:
+    """One MMLU / BBH task's scores from lm-eval's results; zero-shot BBH is scored on its answer filter."""
     raw = out["results"][task]
-    metric = {"mmlu": "acc", "bbh": "exact_match"}.get(family)
-    if metric is None:
-        metric = next(m for m in _LB_METRICS if f"{m},none" in raw)
-    value = float(raw[f"{metric},none"]) * 100
-    stderr = raw.get(f"{metric}_stderr,none")
+    metric = "acc" if family == "mmlu" else "exact_match"
+    key = f"{metric},flexible-extract" if f"{metric},flexible-extract" in raw else f"{metric},none"
+    value = float(raw[key]) * 100
+    stderr = raw.get(key.replace(",", "_stderr,"))
     stderr = float(stderr) * 100 if isinstance(stderr, (int, float)) and not math.isnan(stderr) else None
     n = out.get("n-samples", {}).get(task, {}).get("effective")
-    return {"family": family, "metric": metric, "score": value, metric: value, f"{metric}_stderr": stderr,
-            "n": int(n) if n is not None else None}
+    row = {"family": family, "metric": metric, "score": value, metric: value, f"{metric}_stderr": stderr,
+           "n": int(n) if n is not None else None}
+    if f"{metric},strict-match" in raw:
+        row[f"{metric}_strict"] = float(raw[f"{metric},strict-match"]) * 100
+    return row
 
 
 def _group(name: str, members: list[str], results: dict) -> dict:
-    """MMLU: micro average over all questions; BBH and LongBench: mean over tasks."""
-    rows = [results[m] for m in members if m in results]
-    if name.startswith("mmlu"):
-        total = sum(r["n"] for r in rows)
-        score = sum(r["score"] * r["n"] for r in rows) / total if total else float("nan")
-    else:
-        score = sum(r["score"] for r in rows) / len(rows) if rows else float("nan")
-    return {"score": score, "n": sum(r["n"] or 0 for r in rows), "tasks": len(rows)}
+    """MMLU and BBH: the mean over all items (lm-eval's groups weight by task size); LongBench (and -E):
+    the mean of its category means, as the LongBench README's "Avg"."""
+    rows = {m: results[m] for m in members if m in results}
+    n = sum(r["n"] or 0 for r in rows.values())
+    if not name.startswith("longbench"):
+        score = sum(r["score"] * r["n"] for r in rows.values()) / n if n else float("nan")
+        return {"score": score, "n": n, "tasks": len(rows), "average": "weighted by task size"}
+    categories = longbench_average({m.partition("_")[2]: r["score"] for m, r in rows.items()})
+    return {"score": categories.pop("average"), "n": n, "tasks": len(rows), "categories": categories,
+            "average": "mean of the category means"}
+
+
+def longbench_average(scores: dict[str, float]) -> dict[str, float]:
+    """{category: mean of its tasks' scores, "average": mean of those category means} for the tasks given.
+
+    A category without any of its tasks is left out, so a partial run averages what it has.
+    """
+    by_cat: dict[str, list[float]] = {}
+    for task, score in scores.items():
+        by_cat.setdefault(longbench_category(task), []).append(score)
+    out = {c: sum(v) / len(v) for c in LONGBENCH_CATEGORIES if (v := by_cat.get(c))}
+    out["average"] = sum(out.values()) / len(out) if out else float("nan")
+    return out
 
 
 def results_table(report: dict):
@@ -170,8 +228,8 @@ def results_table(report: dict):
 
     rows = [{"task": t, "family": r["family"], "metric": r["metric"], "score": r["score"],
              "stderr": r.get(f"{r['metric']}_stderr"), "n": r["n"]} for t, r in report["results"].items()]
-    rows += [{"task": f"{g} (avg)", "family": g.partition("_")[0], "metric": "micro" if g.startswith("mmlu")
-              else "mean", "score": v["score"], "stderr": None, "n": v["n"]} for g, v in report["groups"].items()]
+    rows += [{"task": f"{g} (avg)", "family": g.partition("_")[0], "metric": "categories" if g.startswith("longbench")
+              else "micro", "score": v["score"], "stderr": None, "n": v["n"]} for g, v in report["groups"].items()]
     return pd.DataFrame(rows, columns=["task", "family", "metric", "score", "stderr", "n"])
 
 

@@ -1,22 +1,30 @@
 """The harness's task families and the LongBench task table: what each task asks and how it is scored.
 
 These are the protocols that published numbers use, so they live apart from the code that reads data
-(``readers``) and the code that hands them to lm-eval (``lmeval``); changing anything here moves scores.
+(``readers``) and the code that runs them (``lmeval``, ``longbench``); changing anything here moves scores.
+Each family's default is the *official* profile, the one its reference computes:
 
-* **MMLU** (Hendrycks et al.): prompt, description and metric are lm-eval's ``mmlu`` (loglikelihood of
-  " A".." D", ``acc``); few-shot examples are the first k of the subject's dev file, as there. ``mmlu``
-  is the micro average (weighted by subject size), like lm-eval's group score.
-* **BBH** (Suzgun et al.): answer-only ("CoT-free") prompting, ``Q: {input}\\nA:`` with the task's
-  description and k exemplars, greedy until ``Q:`` or a blank line, exact match of the stripped
-  generation (lm-eval's ``bbh_fewshot``). ``bbh`` is the unweighted mean over tasks, as BBH reports.
-* **LongBench** (Bai et al., 2023): the 16 English tasks with the reference prompts
-  (``config/dataset2prompt.json``), generation lengths (``dataset2maxlen.json``), middle truncation of
-  the prompt to ``longbench_max_length`` tokens, the chat template skipped for trec / triviaqa / samsum /
-  lcc / repobench-p, the first line only for trec / triviaqa / samsum, the max over reference answers and
-  the reference metrics (``lctw.eval.harness.metrics``). samsum is not forced to a first token other
-  than newline (LongBench passes ``min_length`` and stops at newline; here generation runs to the length
-  limit and only the first non-empty line is scored, which differs only when the model's first line is
-  empty). ``longbench`` is the unweighted mean over tasks.
+* **MMLU** (Hendrycks et al.): lm-eval's ``mmlu`` (prompt, description, loglikelihood of " A".." D",
+  ``acc``), 5-shot from the first items of the subject's dev file by default. ``mmlu`` is the micro
+  average over all questions (lm-eval's group score, weighted by subject size).
+* **BBH** (Suzgun et al.): answer-only prompting, ``Q: {input}\nA:`` after the task's description.
+  k = 3 (default) is lm-eval's ``bbh_fewshot``: the three exemplars of the official ``cot-prompts``
+  file with their chain of thought cut ("Q: ...\nA: " + the answer), greedy until "Q" or a blank line
+  (``BBH_FEWSHOT_UNTIL``), 256 new tokens, exact match without any normalisation (a generation " False"
+  does not match "False"). k = 0 is lm-eval's ``bbh_zeroshot``: the same prompt without exemplars, until
+  "Q:" (``BBH_ZEROSHOT_UNTIL``), case-insensitive exact match after lm-eval's ignore regexes, scored on
+  lm-eval's "flexible-extract" answer filter of the task (its "strict-match" is reported beside it).
+  ``bbh`` is the average weighted by task size, as lm-eval's group.
+* **LongBench** (Bai et al., 2023; THUDM/LongBench ``pred.py`` / ``eval.py``): the 16 English tasks with
+  the reference prompts (``config/dataset2prompt.json``, byte for byte, typos included), generation
+  lengths (``dataset2maxlen.json``), prompts longer than the budget (``model2maxlen.json``: 3500 / 7500 /
+  15500 / 31500 tokens for 4k / 8k / 16k / 32k windows) cut in the middle, the chat wrapper skipped for
+  trec / triviaqa / samsum / lcc / repobench-p, samsum's generation rule (the first new token may not be
+  EOS or a newline, generation stops at a newline), the first line only for trec / triviaqa / samsum,
+  the max over reference answers and the reference metrics (``lctw.eval.harness.metrics``).
+  ``longbench`` is the mean of the six category means (``LONGBENCH_CATEGORIES``), as the LongBench
+  README's "Avg"; LongBench-E (the ``<task>_e`` files) is the separate group ``longbench_e``, also split
+  by length (0-4k, 4-8k, 8k+ words) as LongBench's ``eval.py --e``.
 """
 
 from __future__ import annotations
@@ -25,8 +33,23 @@ from dataclasses import dataclass
 
 FAMILIES = ("mmlu", "bbh", "longbench")
 MMLU_LETTERS = ("A", "B", "C", "D")
-BBH_UNTIL = ["</s>", "Q:", "\n\n"]
-BBH_MAX_GEN_TOKS = 128
+MMLU_FEWSHOT = 5  # lm-eval's and the Open LLM Leaderboard's MMLU setting
+BBH_FEWSHOT = 3  # lm-eval's bbh_fewshot; the official prompt files hold exactly 3 exemplars per task
+# lm-eval's bbh/fewshot/_fewshot_template_yaml and bbh/zeroshot/_zeroshot_template_yaml (version 3.0).
+BBH_FEWSHOT_UNTIL = ["</s>", "Q", "\n\n"]
+BBH_ZEROSHOT_UNTIL = ["</s>", "Q:", "<|im_end|>"]
+BBH_MAX_GEN_TOKS = 256  # neither template sets it: lm-eval's HFLM default
+BBH_ZEROSHOT_MATCH = {"ignore_case": True, "regexes_to_ignore": ["\\.$", ",", "\n", "\\\\", '"']}
+# LongBench's six categories (English tasks), as in its README's tables.
+LONGBENCH_CATEGORIES = {
+    "single_doc_qa": ("narrativeqa", "qasper", "multifieldqa_en"),
+    "multi_doc_qa": ("hotpotqa", "2wikimqa", "musique"),
+    "summarization": ("gov_report", "qmsum", "multi_news"),
+    "few_shot": ("trec", "triviaqa", "samsum"),
+    "synthetic": ("passage_count", "passage_retrieval_en"),
+    "code": ("lcc", "repobench-p"),
+}
+LONGBENCH_E_BUCKETS = ((0, 4000, "0-4k"), (4000, 8000, "4-8k"), (8000, None, "8k+"))  # eval.py's scorer_e
 
 
 @dataclass(frozen=True)
@@ -36,6 +59,7 @@ class LongBenchTask:
     max_new_tokens: int
     metric: str  # key of lctw.eval.harness.metrics.LONGBENCH_METRICS, also the metric name lm-eval reports
     first_line: bool = False  # score only the first line of the prediction (leading newlines dropped)
+    stop_at_newline: bool = False  # samsum: no EOS/newline as first token, newline ends the generation
     chat: bool = True  # wrapped in the chat template when one is applied (few-shot and code tasks run raw)
 
 
@@ -47,8 +71,8 @@ LONGBENCH_TASKS: dict[str, LongBenchTask] = {
         LongBenchTask(
             "narrativeqa",
             "You are given a story, which can be either a novel or a movie script, and a question. Answer the "
-            "question as concisely as you can, using a single phrase if possible. Do not provide any explanation."
-            "\n\nStory: {context}\n\nNow, answer the question based on the story as concisely as you can, using a "
+            "question asconcisely as you can, using a single phrase if possible. Do not provide any explanation."
+            "\n\nStory: {context}\n\nNow, answer the question based on the story asconcisely as you can, using a "
             "single phrase if possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:",
             128, "qa_f1",
         ),
@@ -109,7 +133,7 @@ LONGBENCH_TASKS: dict[str, LongBenchTask] = {
             "samsum",
             "Summarize the dialogue into a few short sentences. The following are some examples.\n\n{context}\n\n"
             "{input}",
-            128, "rouge_l", first_line=True, chat=False,
+            128, "rouge_l", first_line=True, chat=False, stop_at_newline=True,
         ),
         LongBenchTask(
             "passage_count",
@@ -139,3 +163,21 @@ LONGBENCH_TASKS: dict[str, LongBenchTask] = {
 def longbench_base(task: str) -> str:
     """The table entry a task name refers to: LongBench-E's ``<task>_e`` files use ``<task>``'s protocol."""
     return task[:-2] if task.endswith("_e") and task[:-2] in LONGBENCH_TASKS else task
+
+
+def longbench_budget(window: int) -> int:
+    """The prompt budget of LongBench's ``model2maxlen.json`` for a model of ``window`` positions.
+
+    The reference gives 3500 / 7500 / 15500 / 31500 tokens to 4k / 8k / 16k / 32k models: the window in
+    thousands of tokens (4096 -> 4) times 1000, less 500 (room for the answer and the chat wrapper).
+    """
+    budget = int(window / 1024 * 1000) - 500
+    if budget < 1:
+        raise ValueError(f"a {window}-position model leaves no LongBench prompt budget "
+                         "(window / 1024 * 1000 - 500): set eval.longbench.max_length")
+    return budget
+
+
+def longbench_category(task: str) -> str:
+    base = longbench_base(task)
+    return next(c for c, names in LONGBENCH_CATEGORIES.items() if base in names)

@@ -14,23 +14,27 @@ reference in everything that moves a score:
   document order are shuffled with a fresh ``Random(seed)``, so e.g. the gold QA document sits at the
   same slot for every sample with the same number of documents. That is an artefact, but published
   scores include it, so it is kept;
-* one haystack size per task and length, found on a probe sample, then reduced per sample only when
-  that sample does not fit (the reference does the same; QA samples with short documents therefore
-  come out shorter than the target, as in the reference);
+* the haystack sizing of the reference on request (``fit="reference"``: fixed steps, one probe, an
+  overflowing sample drawn anew one step smaller), cross-checked against NVIDIA's ``niah.py``;
+* the chat template of an instruct model (``chat_template="auto"``, the default, applies the
+  tokenizer's template when it has one; the format used is recorded in the results);
 * the length budget counts the whole prompt as the evaluated model will see it: chat wrapper (if any),
   BOS, instruction, context and answer prefix, plus the task's tokens to generate.
 
-Randomness comes from a ``random.Random(seed)`` created per task and length, like the reference (one
-process per task and length, seeded 42), so a dataset depends only on (task, length, tokenizer, seed,
-chat flag) and is byte-identical across runs. It is not byte-identical to the reference's own files:
-those depend on how many probes its search consumed from the same stream and on NLTK's splitter.
+Randomness comes from a ``random.Random`` per task and length, seeded by ``samples.sample_seed(seed,
+task, length)``: the reference runs one process per task and length, and its samples differ between
+lengths because its size search uses up a length-dependent number of draws; a derived seed gives the
+same decorrelation (sample i does not reuse its key, value and depth at every length, nor sample 0 the
+key of the other word-keyed NIAH tasks). A dataset depends only on (task, length, tokenizer, seed, chat
+flag, fit) and is byte-identical across runs. It is not byte-identical to the reference's own files:
+those depend on its random stream and on NLTK's splitter.
 
 Deliberate departures, none of which changes the task a model has to solve:
 
-* the haystack size is searched to within 0.1% of the budget with interpolation (the reference bisects
-  exactly, or for FWE steps by 1/32 of the length), and a sample that does not fit is rebuilt from the
-  same random draws with as many fewer units as its excess needs (the reference draws a new sample
-  with a fixed number of units fewer);
+* by default (``fit="exact"``) the haystack size is searched to within 0.1% of the budget with
+  interpolation, and a sample that does not fit is rebuilt from the same random draws with as many
+  fewer units as its excess needs; the reference's fixed steps leave prompts 3-15% shorter at 4k and
+  cannot build the essay and QA tasks below about 4k tokens, the lengths this project's tests use;
 * the budget counts BOS when the tokenizer adds one (the reference's count omits it: one token);
 * with a chat template, CWE's worked example becomes a previous user/assistant exchange (the reference
   pastes a second copy of its model template); VT's example stays inside the user turn, as there;

@@ -118,6 +118,14 @@ class _Generator:
     def build(self, n: int, rng: random.Random, index: int) -> Draft:
         raise NotImplementedError
 
+    def step(self) -> int:
+        """The reference's fixed step of haystack units (``fit=reference``)."""
+        return 10
+
+    def reference_start(self, step: int) -> int:
+        """The first size the reference probes (``fit=reference``): one step."""
+        return step
+
 
 class _NiahGenerator(_Generator):
     def __init__(self, task, length, seed, data_dir):
@@ -132,6 +140,11 @@ class _NiahGenerator(_Generator):
         if self.haystack != "essay":  # needles go between haystack lines, at distinct positions
             self.min_units = self.num_k * self.num_v
         self._sentences: tuple[int, list[str]] | None = None
+
+    def step(self):
+        if self.haystack == "essay":
+            return 500
+        return 5 if self.length < 4096 else 25
 
     def _essay_sentences(self, n: int) -> list[str]:
         if self._sentences is None or self._sentences[0] != n:
@@ -333,6 +346,12 @@ class _FWEGenerator(_Generator):
         if self.vocab_size < 5:
             raise RulerError(f"fwe needs a length of at least {5 * 50 + task.max_new_tokens} tokens")
         self.zeta = _riemann_zeta(self.alpha)
+
+    def step(self):
+        return max(1, self.length // 32)
+
+    def reference_start(self, step):
+        return self.length // self.word_len  # the reference's first guess of the number of words
 
     def build(self, n, rng, index):
         vocab = [

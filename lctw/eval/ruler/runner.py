@@ -42,6 +42,15 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
+def resolve_chat_template(chat_template: bool | str, tokenizer) -> bool:
+    """``auto`` -> whether the tokenizer has a chat template; ``True`` / ``False`` as given."""
+    if chat_template == "auto":
+        return bool(getattr(tokenizer, "chat_template", None))
+    if chat_template not in (True, False):
+        raise ValueError(f"chat_template={chat_template!r} is not allowed: choose auto, true or false")
+    return chat_template
+
+
 def run_ruler(
     model,
     tokenizer,
@@ -50,11 +59,17 @@ def run_ruler(
     num_samples: int,
     batch_size: int = 8,
     seed: int = 42,
-    chat_template: bool = False,
+    chat_template: bool | str = "auto",
     progress: bool = True,
     data_dir: str | Path | None = None,
+    fit: str = "exact",
 ) -> dict:
     """Generate RULER data, decode greedily with the KV cache, and score every task x length.
+
+    ``chat_template``: ``auto`` wraps prompts in the tokenizer's chat template when it has one (RULER
+    applies an instruct model's template), ``True`` requires one, ``False`` sends plain prompts. The
+    format used is printed and recorded in ``config`` (``chat_template``, ``prompt_format``). ``fit`` is
+    how haystacks are sized (``generate_samples``: ``exact`` or the reference's ``reference``).
 
     Returns a dict with ``scores`` {task: {length: score}}, ``average`` {length: mean over the tasks
     that ran at that length}, ``errors`` {task: {length: message}} for tasks that could not be generated
@@ -69,6 +84,9 @@ def run_ruler(
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise KeyError(f"unknown RULER tasks {unknown}")
+    chat = resolve_chat_template(chat_template, tokenizer)
+    prompt_format = "chat template" if chat else "plain text (no chat template)"
+    print(f"RULER prompt format: {prompt_format} (chat_template={chat_template}); haystack fit: {fit}")
     results: dict[str, Any] = {
         "scores": {},
         "average": {},
@@ -80,7 +98,10 @@ def run_ruler(
             lengths=lengths,
             num_samples=num_samples,
             seed=seed,
-            chat_template=chat_template,
+            chat_template=chat,
+            chat_template_setting=chat_template,
+            prompt_format=prompt_format,
+            fit=fit,
             batch_size=batch_size,
         ),
     }
@@ -100,8 +121,9 @@ def run_ruler(
                         length,
                         num_samples,
                         seed=seed,
-                        chat_template=chat_template,
+                        chat_template=chat,
                         data_dir=data_dir,
+                        fit=fit,
                     )
                 except RulerError as err:
                     results["errors"].setdefault(task, {})[length] = f"{type(err).__name__}: {err}"
@@ -111,7 +133,7 @@ def run_ruler(
                 preds = []
                 for start in range(0, len(samples), batch_size):
                     batch = samples[start : start + batch_size]
-                    ids = [encode_prompt(tokenizer, s["input"], chat_template) for s in batch]
+                    ids = [encode_prompt(tokenizer, s["input"], chat) for s in batch]
                     with torch.inference_mode():
                         preds += _generate_batch(model, tokenizer, ids, spec.max_new_tokens)
                     bar.update(len(batch))
