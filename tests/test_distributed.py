@@ -49,7 +49,7 @@ class Recording(TokenWeightingLM):
 
     def training_step(self, batch, batch_idx):
         out = super().training_step(batch, batch_idx)
-        self.sums.append((float(out), int(batch["mask"].sum())))
+        self.sums.append((float(out["loss"]), int(batch["mask"].sum())))
         return out
 
 
