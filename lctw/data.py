@@ -119,7 +119,7 @@ class LongDocuments(L.LightningDataModule):
                 raise ValueError(f"{key}={value} is out of range: allowed >= 1")
         if facts is not None and not drop_remainder:
             raise ValueError("facts needs drop_remainder=true (every chunk with facts is N tokens long)")
-        self.facts = Facts(**facts) if facts is not None else None
+        self.facts = Facts.from_options(facts) if facts is not None else None
         self.max_len, self.source, self.path, self.name = int(max_len), source, path, name
         self.config_name, self.split, self.val_split, self.text_field = config_name, split, val_split, text_field
         self.val_fraction, self.max_docs, self.drop_remainder = val_fraction, max_docs, drop_remainder

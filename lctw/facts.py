@@ -73,6 +73,15 @@ class Facts:
         self._keys = {s: _split(all_keys(), held_out, s) for s in SPLITS}
         self._values = {s: _split(all_values(), held_out, s) for s in SPLITS}
 
+    @classmethod
+    def from_options(cls, options: dict) -> Facts:
+        """``Facts(**options)``, with an unknown option named as ``facts.<key>`` (a config error, not a TypeError)."""
+        allowed = ("rate", "min_distance", "max_distance", "held_out")
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"facts.{unknown[0]} is not an option of facts: allowed {list(allowed)}")
+        return cls(**options)
+
     def options(self) -> dict:
         return {"rate": self.rate, "min_distance": self.min_distance, "max_distance": self.max_distance,
                 "held_out": self.held_out}
