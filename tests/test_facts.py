@@ -127,3 +127,29 @@ def test_recall_tells_a_model_that_copies_within_n_from_one_that_copies_beyond(t
     assert short["eval/recall/ce_beyond_n"] == pytest.approx(torch.log(torch.tensor(float(vocab))).item(), rel=1e-4)
     assert {"eval/recall/ce@64-128", "eval/recall/acc@128-192"} <= set(long)
     assert (tmp_path / "long" / "recall.csv").exists() and (tmp_path / "long" / "recall.json").exists()
+
+
+def test_the_study_sweep_runs_each_configuration_once_per_seed_at_equal_steps_and_tokens(hydra_conf):
+    from hydra import compose as hydra_compose
+
+    from conftest import compose
+
+    sweep = hydra_compose(config_name="config", overrides=["sweep=mini_repro"], return_hydra_config=True)
+    params = sweep.hydra.sweeper.params
+    assert params.experiment == "mini_repro" and params.seed.split(",") == ["0", "1", "2"]
+    arms = params.arm.split(",")
+    runs = set()
+    for arm in arms:
+        cfg = compose(["experiment=mini_repro", f"arm={arm}"])
+        kind = cfg.weighting._target_.rsplit(".", 1)[1].lower()
+        scorer = cfg.scorer._target_.rsplit(".", 1)[1] if cfg.get("scorer") else None
+        param = cfg.weighting.get("lam") if kind == "dense" else cfg.weighting.get("kappa")
+        runs.add((kind, param if kind != "uniform" else None, scorer))
+        assert (cfg.trainer.max_steps, cfg.data.batch_size, cfg.N, cfg.n) == (100, 2, 512, 128)  # equal compute
+        assert cfg.data.facts.min_distance == cfg.n and cfg.model.base.data.facts.max_distance < cfg.n
+        assert cfg.eval.recall._target_ == "lctw.eval.recall.Recall"
+    assert len(runs) == len(arms) == 9  # uniform once, without a scorer
+    assert ("uniform", None, "NoScorer") in runs
+    assert {r for r in runs if r[0] != "uniform"} == {
+        (k, p, s) for k, ps in (("dense", (0.25, 0.75)), ("sparse", (0.1, 0.25))) for p in ps
+        for s in ("FrozenScorer", "SelfScorer")}
