@@ -72,6 +72,13 @@ class Facts:
         self.held_out = float(held_out)
         self._keys = {s: _split(all_keys(), held_out, s) for s in SPLITS}
         self._values = {s: _split(all_values(), held_out, s) for s in SPLITS}
+        self._memo: dict[tuple, list[int]] = {}
+
+    def __getstate__(self) -> dict:  # the memo stays out: datasets' cache fingerprints pickle this object
+        return {k: v for k, v in vars(self).items() if k != "_memo"}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state, _memo={})
 
     @classmethod
     def from_options(cls, options: dict) -> Facts:
@@ -92,11 +99,13 @@ class Facts:
     def values(self, split: str) -> list[str]:
         return self._values[split]
 
-    @staticmethod
-    def statement(tokenizer, key: str, value: str) -> tuple[list[int], int]:
+    def statement(self, tokenizer, key: str, value: str) -> tuple[list[int], int]:
         """A statement's token ids and the index of its value's first token (the value is the last
-        four tokens before the full stop)."""
-        ids = tokenizer(TEMPLATE.format(key=key, value=value), add_special_tokens=False)["input_ids"]
+        four tokens before the full stop). Memoised: chunking tokenizes tens of thousands of them."""
+        memo = (id(tokenizer), key, value)
+        if memo not in self._memo:
+            self._memo[memo] = tokenizer(TEMPLATE.format(key=key, value=value), add_special_tokens=False)["input_ids"]
+        ids = self._memo[memo]
         return ids, len(ids) - 5
 
     def plant(self, prose: list[int], length: int, tokenizer, split: str, rng: random.Random):
