@@ -130,9 +130,8 @@ def test_recall_tells_a_model_that_copies_within_n_from_one_that_copies_beyond(t
 
 
 def test_the_study_sweep_runs_each_configuration_once_per_seed_at_equal_steps_and_tokens(hydra_conf):
-    from hydra import compose as hydra_compose
-
     from conftest import compose
+    from hydra import compose as hydra_compose
 
     sweep = hydra_compose(config_name="config", overrides=["sweep=mini_repro"], return_hydra_config=True)
     params = sweep.hydra.sweeper.params
