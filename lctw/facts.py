@@ -117,7 +117,7 @@ class Facts:
         count = int(self.rate * length / 1000 + rng.random())
         keys = rng.sample(self._keys[split], min(count, len(self._keys[split])))
         taken: list[tuple[int, int]] = []  # [start, end) of every statement placed
-        placed = []
+        placed, inserts = [], []
         for key in keys:
             value = rng.choice(self._values[split])
             ids, offset = self.statement(tokenizer, key, value)
@@ -130,10 +130,11 @@ class Facts:
                 spans = [(first, first + size), (first + distance, first + distance + size)]
                 if all(e <= s0 or s >= e0 for s, e in spans for s0, e0 in taken):
                     taken += spans
-                    placed.append((key, value, first, first + distance, offset, ids))
+                    placed.append((key, value, first, first + distance, offset))
+                    inserts += [(first, ids), (first + distance, ids)]
                     break
-        ids, used = assemble(prose, length, [(p, ids) for *_, f, s, _o, ids in placed for p in (f, s)])
-        return ids, [(k, v, f, s, o) for k, v, f, s, o, _ in placed], used
+        out, used = assemble(prose, length, inserts)
+        return out, placed, used
 
 
 def assemble(prose: list[int], length: int, inserts: list[tuple[int, list[int]]]):
