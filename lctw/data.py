@@ -15,6 +15,12 @@ Every document becomes ``[BOS] + tokens``, cut into chunks of N tokens, each chu
 starting with BOS again (so every sequence starts with BOS, as the chunked scorer expects). The short
 remainder is dropped by default; with ``drop_remainder=false`` it is padded and its padding masked.
 Tokenization and chunking run through ``datasets.map`` and are cached on disk.
+
+``facts`` (a dict of :class:`lctw.facts.Facts` options, or null) plants key–value statements into every
+chunk and restates them later, at ``facts.rate`` per 1,000 tokens and ``facts.min_distance`` to
+``facts.max_distance`` tokens apart (see :mod:`lctw.facts` for exactly how): the train split with the
+training keys and values, the validation split with the held-out ones. ``conf/data/essays_facts.yaml``
+plants them beyond n in the long-context data; the study's base stage plants them within n.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import glob
 import hashlib
 import json
 import os
+import random
 import re
 import warnings
 from pathlib import Path
@@ -32,6 +39,8 @@ import lightning as L
 import pyarrow
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+from lctw.facts import Facts
 
 SOURCES = ("essays", "files", "hf")
 _MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
@@ -88,6 +97,7 @@ class LongDocuments(L.LightningDataModule):
         num_proc: int | None = None,
         seed: int = 0,
         cache_dir: str | None = None,
+        facts: dict | None = None,
         tokenizer=None,
     ):
         super().__init__()
@@ -107,6 +117,9 @@ class LongDocuments(L.LightningDataModule):
         for key, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
             if value is not None and value < 1:
                 raise ValueError(f"{key}={value} is out of range: allowed >= 1")
+        if facts is not None and not drop_remainder:
+            raise ValueError("facts needs drop_remainder=true (every chunk with facts is N tokens long)")
+        self.facts = Facts.from_options(facts) if facts is not None else None
         self.max_len, self.source, self.path, self.name = int(max_len), source, path, name
         self.config_name, self.split, self.val_split, self.text_field = config_name, split, val_split, text_field
         self.val_fraction, self.max_docs, self.drop_remainder = val_fraction, max_docs, drop_remainder
@@ -116,6 +129,7 @@ class LongDocuments(L.LightningDataModule):
         self.cache_dir = Path(cache_dir or "outputs/cache").expanduser()
         self.tokenizer = tokenizer
         self.train_set = self.val_set = None
+        self.val_documents: datasets.Dataset | None = None  # the held-out documents' text (eval=recall)
         self.fingerprints: dict[str, str] = {}  # split -> stable key of its chunks (see _chunks)
         self._resume: dict | None = None  # where an interrupted run stopped (load_state_dict)
 
@@ -201,6 +215,7 @@ class LongDocuments(L.LightningDataModule):
             train, val = order.select(range(n_val, len(order))), order.select(range(n_val))
         elif self.max_docs:
             train = train.select(range(min(self.max_docs, len(train))))
+        self.val_documents = val
         return self._chunks(train, "train"), self._chunks(val, "validation")
 
     def _chunks(self, docs: datasets.Dataset, split: str) -> datasets.Dataset:
@@ -226,14 +241,34 @@ class LongDocuments(L.LightningDataModule):
                     out_ids.append([bos] + piece + [pad] * (step - len(piece)))
             return {"input_ids": out_ids, "length": out_len}
 
+        facts, facts_split = self.facts, "train" if split == "train" else "heldout"
+        seed = self.seed
+
+        def plant(batch, indices):
+            out_ids, out_len = [], []
+            for ids, doc in zip(batch["ids"], indices, strict=True):
+                rng = random.Random(f"{seed}-{split}-{doc}")  # a str seed is hashed deterministically
+                start, step = 0, n_max - 1
+                while len(ids) - start >= step:  # room for a chunk even without statements
+                    piece, _, used = facts.plant(ids[start:], step, tok, facts_split, rng)
+                    start += used
+                    out_ids.append([bos] + piece)
+                    out_len.append(n_max)
+            return {"input_ids": out_ids, "length": out_len}
+
         tokens = docs.map(tokenize, batched=True, remove_columns=["text"], num_proc=self.num_proc,
                           desc=f"tokenize {split}")
-        chunks = tokens.map(chunk, batched=True, remove_columns=["ids"], num_proc=self.num_proc,
-                            desc=f"chunk {split} into N={n_max}")
+        if facts is None:
+            chunks = tokens.map(chunk, batched=True, remove_columns=["ids"], num_proc=self.num_proc,
+                                desc=f"chunk {split} into N={n_max}")
+        else:
+            chunks = tokens.map(plant, batched=True, with_indices=True, remove_columns=["ids"],
+                                num_proc=self.num_proc, desc=f"chunk {split} into N={n_max} with planted facts")
         # A key that names these chunks across processes: the documents' fingerprint (deterministic from the
         # source, the split seed and max_docs) plus everything chunking adds. datasets' own fingerprint of
         # the mapped split hashes the pickled tokenizer, whose state changes once it has padded a batch.
-        key = json.dumps([docs._fingerprint, n_max, drop, bos, pad])
+        key = json.dumps([docs._fingerprint, n_max, drop, bos, pad, facts and facts.options(),
+                          seed if facts else None])
         self.fingerprints[split] = hashlib.sha256(key.encode()).hexdigest()[:16]
         if len(chunks) == 0:
             raise ValueError(

@@ -70,8 +70,9 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         assert built[group].method == option
     if group == "model":
         assert isinstance(built["model"], models.HFModel)
-    if cfg.get("eval"):
-        kinds = {"ppl": "PositionPerplexity", "ruler": "Ruler", "harness": "Harness", "all": "Suite"}
+    if group == "eval":
+        kinds = {"ppl": "PositionPerplexity", "ruler": "Ruler", "harness": "Harness", "all": "Suite",
+                 "recall": "Recall", "study": "Suite"}
         assert type(instantiate(cfg.eval)).__name__ == kinds[option]
     data = instantiate(cfg.data, tokenizer=None)
     assert data.max_len == cfg.N
