@@ -28,7 +28,8 @@ LABELS = {"weighting": "weighting", "weighting.lam": "lam", "weighting.kappa": "
 # Keys that never make a configuration: the seed, where files go, logging, checkpoints, and W&B's own.
 NOT_CONFIG = ["seed", "*.seed", "name", "paths.*", "logger*", "callbacks*", "ckpt_path", "*cache_dir", "hydra*",
               "_*", "checkpoint_every", "*._target_"]
-WEIGHTING_KEYS = ["weighting", "weighting.*", "scorer", "scorer.*"]  # what differs from the uniform baseline
+WEIGHTING_KEYS = ["weighting", "weighting.*", "scorer", "scorer.*", "arm"]  # what differs from the uniform baseline
+# (arm: a study grid's name for a weighting with its scorer, conf/arm/)
 
 
 def matches_any(key: str, patterns) -> bool:
