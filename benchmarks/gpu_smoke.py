@@ -165,7 +165,7 @@ def check_fp32_masters(module, batch) -> dict:
     params = [p for p in module.model.parameters() if p.requires_grad and p is not embedding]
     before = [p.detach().to_local().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0)
-    module.training_step(batch, 0)["loss"].backward()
+    (module.training_step(batch, 0)["loss"] / batch["mask"].sum()).backward()  # Σ w·CE -> mean: no Trainer
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     changed = sum(int((p.detach().to_local() != b).sum()) for p, b in zip(params, before, strict=True))
@@ -247,7 +247,7 @@ def time_steps(module, batch, optimizer, steps: int, warmup: int) -> dict:
         sync()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        module.training_step(batch, i)["loss"].backward()
+        (module.training_step(batch, i)["loss"] / batch["mask"].sum()).backward()
         optimizer.step()
         sync()
         if i >= warmup:

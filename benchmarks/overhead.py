@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in collate([data[i] for i in idx]).items()}
         optimizer.zero_grad(set_to_none=True)
-        loss = module.training_step(batch, 0)["loss"]
+        loss = module.training_step(batch, 0)["loss"] / batch["mask"].sum()  # Σ w·CE -> the mean (no Trainer)
         loss.backward()
         optimizer.step()
         sync()

@@ -47,11 +47,13 @@ KERNELS = {"auto": None, "chunked": None, "cce": "cut_cross_entropy", "liger": "
 IGNORE = -100  # the ignore index both fused kernels use for padding targets
 
 
-def kernel_problem(kernel: str, device: str = "cuda") -> str | None:
-    """Why ``kernel`` cannot run on ``device`` ('cpu', 'cuda', ...), or None when it can (a sentence that
-    follows ``loss=<kernel>``)."""
+def kernel_problem(kernel: str, device: str = "cuda", bias: bool = False) -> str | None:
+    """Why ``kernel`` cannot run on ``device`` ('cpu', 'cuda', ...) for an LM head with or without a
+    ``bias``, or None when it can (a sentence that follows ``loss=<kernel>``)."""
     if kernel not in KERNELS:
         return f"is not a loss kernel: choose one of {list(KERNELS)}"
+    if kernel == "cce" and bias:
+        return "has no LM-head bias (this model's head has one, e.g. Phi-2): use loss=liger, chunked or auto"
     package = KERNELS[kernel]
     if package is None:
         return None
@@ -63,11 +65,12 @@ def kernel_problem(kernel: str, device: str = "cuda") -> str | None:
     return None
 
 
-def resolve_kernel(kernel: str, device: str) -> str:
-    """The kernel that runs: ``auto`` is the first installed fused kernel on CUDA, else ``chunked``."""
+def resolve_kernel(kernel: str, device: str, bias: bool = False) -> str:
+    """The kernel that runs: ``auto`` is the first installed fused kernel that can run on ``device`` for this
+    head (CCE has no bias), else ``chunked``."""
     if kernel == "auto":
-        return next((k for k in ("cce", "liger") if kernel_problem(k, device) is None), "chunked")
-    problem = kernel_problem(kernel, device)
+        return next((k for k in ("cce", "liger") if kernel_problem(k, device, bias) is None), "chunked")
+    problem = kernel_problem(kernel, device, bias)
     if problem:
         raise ValueError(f"loss={kernel} {problem}")
     return kernel
@@ -171,12 +174,10 @@ def _fused_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
     if kernel == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
-        if bias is not None:
-            raise ValueError("loss=cce has no LM-head bias: use loss=liger or chunked for this model")
         # Same dtype for both operands, as autocast would give a matmul; fp32 masters get their grad back.
         nll = linear_cross_entropy(hidden, weight.to(hidden.dtype), targets, ignore_index=IGNORE,
                                    reduction="none", filter_eps=None)
-    else:
+    else:  # reduction="none" folds the per-token gradient in before the weight gradient from 0.8.5 on (pinned)
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         nll = liger_fused_linear_cross_entropy(hidden, weight.to(hidden.dtype), targets,
@@ -216,7 +217,7 @@ def token_logprobs(
     if targets.shape != batch_shape:
         raise ValueError(f"targets shape {tuple(targets.shape)} != hidden.shape[:-1] {tuple(batch_shape)}")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    kernel = resolve_kernel(kernel, hidden.device.type)
+    kernel = resolve_kernel(kernel, hidden.device.type, bias is not None)
     if kernel != "chunked":
         out = _fused_token_logprobs(flat_hidden, weight, targets.reshape(-1).long(), bias, kernel)
         return out.reshape(batch_shape)

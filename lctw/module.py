@@ -231,7 +231,8 @@ class TokenWeightingLM(L.LightningModule):
     def _normalise_gradients(self) -> None:
         """Divide the summed gradients by the step's valid targets over all micro-batches and ranks.
         Lightning divided each micro-batch's loss by ``accumulate_grad_batches`` and DDP / FSDP average
-        over ranks: both are undone here."""
+        over ranks: both are undone here. Lightning calls callbacks' ``on_before_optimizer_step`` before
+        this module's, so a callback that reads gradients there sees them before this division."""
         targets = self._window_targets
         self._window_targets = 0
         if self._trainer is None:

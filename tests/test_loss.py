@@ -193,6 +193,13 @@ def test_fused_kernel_on_cpu_is_an_error_not_a_fallback(kernel, package):
         resolve_kernel("fused", "cpu")
 
 
+def test_auto_never_picks_cce_for_a_head_with_a_bias():
+    from lctw.loss import kernel_problem
+
+    assert "no LM-head bias" in kernel_problem("cce", "cuda", bias=True)
+    assert kernel_problem("chunked", "cpu", bias=True) is None
+
+
 def test_fused_kernel_on_cpu_trainer_is_a_config_error(hydra_conf):
     from lctw.config import ConfigError, validate
     from tests.conftest import compose
