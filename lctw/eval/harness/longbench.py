@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from statistics import mean, stdev
 
+from lctw.eval.generate import left_padded
 from lctw.eval.harness.metrics import longbench_score
 from lctw.eval.harness.tasks import LONGBENCH_E_BUCKETS, LONGBENCH_TASKS, longbench_base
 
@@ -48,12 +49,8 @@ def longbench_prompt(tokenizer, task: str, row: dict, max_length: int, chat: boo
 def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop_at_newline: bool) -> list[str]:
     import torch
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad = 0 if pad is None else pad
-    width = max(len(p) for p in prompts)
-    device = next(model.parameters()).device
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids, mask, pad = left_padded(prompts, tokenizer, next(model.parameters()).device)
+    width = ids.shape[1]
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad)
     if stop_at_newline:
         newline = tokenizer.encode("\n", add_special_tokens=False)[-1]

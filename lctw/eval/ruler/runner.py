@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lctw.eval.generate import left_padded
 from lctw.eval.metrics import METRICS, postprocess_pred
 from lctw.eval.ruler.prompts import encode_prompt
 from lctw.eval.ruler.samples import generate_samples
@@ -20,15 +21,10 @@ from lctw.eval.ruler_sources import RulerError
 
 
 def _generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    import torch
     from transformers import GenerationConfig
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad_id = 0 if pad_id is None else pad_id
-    width = max(len(p) for p in prompts)
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    input_ids, attention_mask, pad_id = left_padded(prompts, tokenizer, next(model.parameters()).device)
+    width = input_ids.shape[1]
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     config = GenerationConfig(
         do_sample=False,
