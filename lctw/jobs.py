@@ -105,7 +105,16 @@ def objective(cfg: DictConfig, metrics: dict | None) -> float | None:
 
 class SweepSummary(Callback):
     """At the end of a multirun: one line per job on the console and ``summary.{json,md}`` in the sweep
-    directory; a sweep with a failed job then exits non-zero."""
+    directory; a sweep with a failed job then exits non-zero.
+
+    ``report`` (``hydra.callbacks.summary.report``, e.g. set by ``sweep=mini_repro``): when not null, the
+    sweep's report (:func:`lctw.report.report`, written to ``<sweep>/report/``) is built from the completed
+    jobs before that, with these options (``tradeoff``, ``paired_metrics``, ``length_patterns``). A report
+    that fails is a warning: the jobs' results are already on disk.
+    """
+
+    def __init__(self, report: dict | None = None):
+        self.report = None if report is None else dict(report)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)
@@ -122,9 +131,27 @@ class SweepSummary(Callback):
         print(f"\nsweep {sweep}: {len(jobs) - len(failed)} of {len(jobs)} jobs completed")
         for j in jobs:
             print(f"  {j['status']:<9} {j['dir']}" + (f"  {j['error']}" if j["error"] else ""))
+        if self.report is not None and len(failed) < len(jobs):
+            self._report(sweep)
         if failed:  # a non-zero exit for scripts and CI (Hydra turns a callback's exception into a warning)
             print(f"{len(failed)} of {len(jobs)} jobs failed (see {sweep / 'summary.md'})", file=sys.stderr)
             raise SystemExit(1)
+
+
+    def _report(self, sweep: Path) -> None:
+        from omegaconf import OmegaConf
+
+        from lctw.report import report
+
+        options = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in self.report.items()}
+        if "tradeoff" in options:
+            options["tradeoff"] = tuple(options["tradeoff"])
+        try:
+            out = report(str(sweep), **options)
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - the jobs' results stay valid without it
+            print(f"the sweep report was not written: {type(error).__name__}: {error}", file=sys.stderr)
+            return
+        print(f"report of the sweep written to {out / 'report.md'}")
 
 
 def _job_number(path: Path) -> tuple[int, str]:

@@ -51,8 +51,11 @@ def test_a_failed_run_records_its_error(tmp_path):
 
 
 def test_a_failing_job_does_not_take_the_sweep_down(cache_dir, tmp_path):
+    """... and the sweep's report (``hydra.callbacks.summary.report``, as sweep=mini_repro sets it) is built
+    from the job that completed, before the sweep exits non-zero."""
     sweep = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, "train.py", "-m", "weighting.lam=0.5,2.0", *QUICK,
+    report = "++hydra.callbacks.summary.report={tradeoff:[val/ce_within_n,val/ce_beyond_n]}"
+    proc = subprocess.run([sys.executable, "train.py", "-m", "weighting.lam=0.5,2.0", *QUICK, report,
                            f"paths.cache={cache_dir}", f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=env(cache_dir),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0  # the sweep reports its failure
@@ -63,3 +66,7 @@ def test_a_failing_job_does_not_take_the_sweep_down(cache_dir, tmp_path):
     assert "1 of 2 jobs completed" in proc.stdout and "weighting.lam=2.0 is out of range" in proc.stdout
     table = (sweep / "summary.md").read_text()
     assert f"| {summary[1]['job']} | failed | ConfigError: weighting.lam=2.0 is out of range" in table
+    assert f"report of the sweep written to {sweep / 'report' / 'report.md'}" in proc.stdout
+    written = (sweep / "report" / "report.md").read_text()
+    assert "| 0.5 |" in written and "weighting=dense,weighting.lam=2.0" not in written.split("eft out")[0]
+    assert summary[1]["job"] in written.split("eft out")[-1]  # the failed job is listed as left out
