@@ -136,6 +136,8 @@ def test_the_study_sweep_runs_each_configuration_once_per_seed_at_equal_steps_an
     sweep = hydra_compose(config_name="config", overrides=["sweep=mini_repro"], return_hydra_config=True)
     params = sweep.hydra.sweeper.params
     assert params.experiment == "mini_repro" and params.seed.split(",") == ["0", "1", "2"]
+    report = sweep.hydra.callbacks.summary.report  # the study ends in its report (lctw.jobs.SweepSummary)
+    assert list(report.tradeoff) == ["eval/recall/prose_ce_within_n", "eval/recall/ce_beyond_n"]
     arms = params.arm.split(",")
     runs = set()
     for arm in arms:
