@@ -11,6 +11,11 @@ cache build once) into ``<paths.cache>/tiny/<key>/``: ``hf/`` is θ0, ``metrics.
 ``config.yaml`` record how it was made. The key hashes the composed base config (recipe and
 architecture), so a change to either builds a new base; ``model.base`` holds deltas to the recipe
 (``+model.base.optimizer.lr=1e-3``), merged into the composed config.
+
+What θ0 can do is part of every result built on it: :func:`base_metrics` hands θ0's own measurements
+(``val/ce`` at n and, when the recipe has an ``eval`` such as ``experiment=mini_repro``'s ``eval=recall``,
+its within-n recall of planted facts) to each run as ``base/<key>``, and says when θ0 cannot copy
+within n, the case in which no weighting can show recall beyond n.
 """
 
 from __future__ import annotations
@@ -60,10 +65,16 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
 
 
 def base_config(spec) -> DictConfig:
-    """The composed config of the base stage for a tiny model spec (its architecture, n and seed)."""
+    """The composed config of the base stage for a tiny model spec (its architecture, n and seed).
+
+    ``model.base.eval`` names an option of the ``eval`` group (``recall``): the evaluation run on θ0 when it
+    is built (a name, not a node: the model spec is instantiated, and an eval node in it would be too)."""
     arch = [f"model.{k}={v}" for k, v in spec.arch.items()]
-    cfg = compose(["experiment=base", f"n={spec.n}", f"seed={spec.seed}", f"paths.cache={spec.cache_dir}", *arch])
-    return OmegaConf.merge(cfg, spec.base) if spec.base else cfg
+    deltas = dict(spec.base)
+    evaluation = [f"eval={deltas.pop('eval')}"] if deltas.get("eval") else []
+    cfg = compose(["experiment=base", f"n={spec.n}", f"seed={spec.seed}", f"paths.cache={spec.cache_dir}", *arch,
+                   *evaluation])
+    return OmegaConf.merge(cfg, deltas) if deltas else cfg
 
 
 def config_key(cfg: DictConfig) -> str:
@@ -93,3 +104,36 @@ def build_base(spec, path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     log.info("tiny base ready: %s (val/ce at n: %.3f)", path, metrics.get("val/ce", float("nan")))
+
+
+# A model that copies the four-digit value gains up to 4 ln 10 = 9.2 nats over the control; below this
+# gain per value θ0 is not counted as recalling within n.
+COPIES = 1.0
+
+
+def base_metrics(spec) -> dict[str, float]:
+    """θ0's measurements from its base run (``<cache>/tiny/<key>/metrics.json``) as ``base/<key>``:
+    ``val/ce`` and every ``eval/*`` metric; empty for a model that was not built by the base stage.
+    Logs θ0's within-n recall when it was measured, with a warning when it is below :data:`COPIES`."""
+    if not getattr(spec, "built_locally", False) or not getattr(spec, "pretrained", False):
+        return {}
+    path = spec.path.parent / "metrics.json"
+    if not path.is_file():
+        return {}
+    measured = json.loads(path.read_text())
+    out = {f"base/{k}": v for k, v in measured.items() if k == "val/ce" or k.startswith("eval/")}
+    gain = measured.get("eval/recall/gain_within_n")
+    if gain is None:
+        if spec.base.get("eval"):
+            log.warning("θ0's within-n recall was not measured when %s was built; delete it to rebuild it "
+                        "with model.base.eval", path.parent)
+        return out
+    sem, acc = measured.get("eval/recall/gain_within_n_sem", float("nan")), measured["eval/recall/acc_within_n"]
+    figure = (f"θ0's within-n recall of planted facts: gain {gain:.3f} ± {sem:.3f} nats per value over the "
+              f"control, exact match {acc:.2f}, CE {measured['eval/recall/ce_within_n']:.3f} per value token")
+    if gain < COPIES:
+        log.warning("%s. θ0 does not copy within n (a model that copies gains up to 4 ln 10 = 9.2 nats): a run on "
+                    "it cannot show recall beyond n; see the README's Results", figure)
+    else:
+        log.info(figure)
+    return out

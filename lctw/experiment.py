@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lctw import loggers
+from lctw.base import base_metrics
 from lctw.checkpoints import VerifiedCheckpointIO, check_resume
 from lctw.config import ConfigError, build, validate
 from lctw.distributed import gather_theta, is_sharded_module, receives_weights
@@ -97,6 +98,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics.update(before)
+        metrics.update(base_metrics(parts.model_spec))  # what θ0 could do: part of the result
         theta = module.model
         if is_sharded_module(theta):  # trainer=fsdp: every rank gathers, rank 0 exports the full θ
             full = gather_theta(theta)

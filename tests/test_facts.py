@@ -1,11 +1,13 @@
 """Planted facts (data.facts) and the recall evaluation (eval=recall), on the local tokenizer and real essays."""
 
+import json
 import random
 import re
 from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from lctw.config import ConfigError, build
 from lctw.data import LongDocuments
@@ -154,3 +156,35 @@ def test_the_study_sweep_runs_each_configuration_once_per_seed_at_equal_steps_an
     assert {r for r in runs if r[0] != "uniform"} == {
         (k, p, s) for k, ps in (("dense", (0.25, 0.75)), ("sparse", (0.1, 0.25))) for p in ps
         for s in ("FrozenScorer", "SelfScorer")}
+
+
+def test_runs_carry_the_within_n_recall_of_their_base_and_warn_when_it_cannot_copy(tmp_path, caplog):
+    """The base stage measures θ0's within-n recall (model.base.eval, as experiment=mini_repro sets it);
+    every run on that base reports it as base/eval/recall/*, and warns when θ0 does not copy."""
+    from conftest import RUN, compose
+
+    from lctw import base
+    from lctw.experiment import run
+
+    cfg = compose([*RUN, "n=96", "+model.base.trainer.max_steps=6", "+model.base.data.batch_size=4",
+                   "+model.base.eval=recall", "logger=csv", "callbacks=none"], cache=str(tmp_path / "cache"))
+    with caplog.at_level("INFO", logger="lctw.base"):
+        metrics = run(cfg, run_dir=tmp_path / "run")
+    (built,) = (tmp_path / "cache" / "tiny").glob("*/metrics.json")
+    measured = json.loads(built.read_text())
+    assert measured["eval/recall/acc_within_n"] == 0.0 and "eval/recall/gain_beyond_n" not in measured  # N = n
+    for key in ("eval/recall/gain_within_n", "eval/recall/ce_within_n", "val/ce"):
+        assert metrics[f"base/{key}"] == measured[key]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["base/eval/recall/gain_within_n"] == \
+        measured["eval/recall/gain_within_n"]
+    assert "θ0 does not copy within n" in caplog.text
+    caplog.clear()
+    built.write_text(json.dumps({**measured, "eval/recall/gain_within_n": 9.0}))  # as a base that copies
+    with caplog.at_level("INFO", logger="lctw.base"):
+        assert base.base_metrics(instantiate(cfg.model))["base/eval/recall/gain_within_n"] == 9.0
+    assert "does not copy" not in caplog.text and "gain 9.000" in caplog.text
+
+
+def test_recall_probes_too_short_for_their_statements_name_the_n_they_need(tokenizer):
+    with pytest.raises(ValueError, match=r"probes of 40 tokens cannot hold .* use n >= \d+ \(tokens\)"):
+        Recall(samples=4).probes(tokenizer, list(range(5000)), Facts(), 40, 24, 24, random.Random(0))

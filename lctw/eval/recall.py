@@ -59,7 +59,11 @@ class Recall:
             dist, _ = facts.statement(tokenizer, other, distractor)
             body = length - 1
             restated = body - len(stmt) + 1  # the restatement ends the probe (its full stop cut off)
-            distance = rng.randint(lo, min(hi, restated - len(stmt) - len(dist)))
+            top = min(hi, restated - len(stmt) - len(dist))
+            if top < lo:
+                raise ValueError(f"probes of {length} tokens cannot hold a statement, a distractor and a restatement "
+                                 f"{lo} or more tokens apart: use n >= {length + lo - top} (tokens)")
+            distance = rng.randint(lo, top)
             first = restated - distance
             # the distractor goes in the prose before or between the two statements, not overlapping them
             slots = [p for p in range(0, restated - len(dist) + 1)
