@@ -1,0 +1,224 @@
+"""The one validation layer: every entry point calls :func:`validate` (``eval.py``:
+:func:`validate_evaluation`) before anything loads or is written.
+
+Three kinds of check, in this order:
+
+* **Types**, for every node with a ``_target_`` (``weighting``, ``trainer``, ``data``, ``eval``, nested
+  ones such as ``scorer.model``) against the type annotations of its target's constructor, and for the
+  top-level keys against :data:`TRAIN_KEYS` / :data:`EVAL_KEYS`: ``int`` is not ``bool``, ``float``
+  accepts an ``int`` but not a ``bool`` or a string, ``X | None``, ``list[int]``, ``Literal[...]``;
+  annotations that cannot be checked (``Any``, callables, unresolvable names) accept anything. Values
+  are never coerced: ``weighting.lam=true`` would otherwise train with lam = 1.0. A key the target
+  does not take (``+weighting.lamm=0.5``) is refused with the nearest valid key.
+* **Values** of the parts: each part's constructor checks only its own arguments and raises plain
+  errors about them (``lam=1.5 is out of range: allowed [0, 1]``); :func:`build` reports them under the
+  config key they came from (``weighting.lam=1.5 is out of range: allowed [0, 1]``). Lightning's
+  Trainer and the entry points' own keys are not ours, so their values are checked here
+  (:func:`check_trainer`, :func:`check_checkpoint`, :func:`check_device`), including the accelerator
+  and devices against what torch sees on this machine.
+* **Cross-key invariants** (n < N, a weighting that needs scores, a cache that needs a fixed scorer,
+  the small scorer's vocabulary), here and nowhere else.
+
+Tokenizers are cheap and are compared here; no model weights and no data are ever loaded by
+:func:`validate`.
+
+Every rule a configuration must satisfy lives in this package, in three files a user who hits a
+refusal can read end to end: ``types.py`` (types against the constructors, :func:`build`),
+``runtime.py`` (Trainer, machine, batch, launch, files and devices) and this module (the top-level keys,
+the cross-key invariants, and the entry points' :func:`validate`, :func:`validate_evaluation`,
+:func:`validate_inspection`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+
+from lctw.config.runtime import (
+    _resolve_accumulation,
+    accumulation,
+    check_batch,
+    check_checkpoint,
+    check_device,
+    check_launch,
+    check_loss,
+    check_model_path,
+    check_scheduler,
+    check_trainer,
+    ranks,
+)
+from lctw.config.types import (
+    ConfigError,
+    build,
+    check_keys,
+    check_node,
+    check_value,
+    describe,
+    matches,
+    named,
+    parameters,
+    target_of,
+)
+from lctw.loss import KERNELS
+from lctw.models import DTYPES
+
+__all__ = ["EVAL_KEYS", "INSPECT_KEYS", "TRAIN_KEYS", "ConfigError", "Parts", "accumulation", "build",
+           "check_batch", "check_checkpoint", "check_device", "check_keys", "check_launch", "check_lengths",
+           "check_loss", "check_model_path", "check_node", "check_scheduler", "check_trainer", "check_value",
+           "describe", "matches", "named", "parameters", "ranks", "target_of", "validate", "validate_evaluation",
+           "validate_inspection"]
+
+log = logging.getLogger(__name__)
+
+
+def _register_resolvers() -> None:
+    from lctw.jobs import run_token
+
+    if not OmegaConf.has_resolver("div"):
+        OmegaConf.register_new_resolver("div", lambda a, b: a / b)
+    if not OmegaConf.has_resolver("run_token"):  # unique run directories (lctw.jobs)
+        # cached: Hydra copies a config's resolver cache into each job's config, so a job that runs in
+        # another process (submitit, or a requeued SLURM job) names the sweep directory as its launcher did
+        OmegaConf.register_new_resolver("run_token", run_token, use_cache=True)
+    if not OmegaConf.has_resolver("accumulation"):  # the paper's 16 sequences per step on any number of GPUs
+        OmegaConf.register_new_resolver("accumulation", accumulation)
+
+
+_register_resolvers()
+
+# The top-level keys of conf/config.yaml (train.py, score.py) and conf/evaluate.yaml (eval.py); the
+# groups are checked against their targets' constructors instead.
+TRAIN_KEYS = {"n": int, "N": int, "seed": int, "name": str | None, "chunk_size": int | None,
+              "loss": Literal[tuple(KERNELS)], "objective": str, "global_batch": int | None,
+              "validate_first": bool, "ckpt_path": str | None, "checkpoint_every": int}
+EVAL_KEYS = {"ckpt": str, "gguf_file": str | None, "dtype": Literal[tuple(DTYPES)], "device": str, "n": int,
+             "N": int, "seed": int, "name": str | None, "chunk_size": int | None}
+
+INSPECT_KEYS = {**TRAIN_KEYS, "ckpt": str | None, "text": str, "max_tokens": int | None, "top_k": int,
+                "dtype": Literal[tuple(DTYPES)], "device": str}
+
+
+
+@dataclass
+class Parts:
+    """The cheap parts of a run, instantiated and checked; no weights loaded."""
+
+    model_spec: Any
+    scorer: Any
+    weighting: Any
+    context: Any
+    tokenizer: Any
+
+
+def check_lengths(cfg: DictConfig) -> None:
+    n, big_n = cfg.n, cfg.N
+    if n < 2:
+        raise ConfigError(f"n={n} is out of range: allowed 2 <= n < N (the short context)")
+    if n > big_n or (n == big_n and cfg.context.get("method") != "none"):
+        raise ConfigError(f"n={n} must be smaller than N={big_n}: allowed 2 <= n < N (context extension n -> N; "
+                          "N = n only for the base stage: context=none scorer=none)")
+
+
+def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
+    """Check types, then instantiate the cheap parts (their constructors check their own keys) and check
+    what joins them.
+
+    ``for_cache``: the configuration fills a score cache (``score.py``), so the scorer must be fixed; the
+    trainer's accelerator is then not checked against this machine (``score.py`` does not train).
+    """
+    # before the types: scorer=self takes no cache key, and "needs a fixed scorer" says why
+    scorer_class, cached = target_of(cfg.scorer, "scorer"), cfg.scorer.get("cache")
+    if (cached or for_cache) and not scorer_class.fixed:
+        what = "score.py" if for_cache else f"scorer.cache={cached}"
+        raise ConfigError(f"{what} needs a fixed scorer: allowed scorer=frozen or scorer=small (scorer="
+                          f"{scorer_class.name} changes during training or has no scores, so its log-probs cannot "
+                          "be cached)")
+    _resolve_accumulation(cfg)
+    check_keys(cfg, TRAIN_KEYS)
+    check_lengths(cfg)
+    if cfg.get("nonfinite") is not None:
+        from lctw.module import check_nonfinite
+
+        try:
+            check_nonfinite(cfg.nonfinite.policy, cfg.nonfinite.max_skipped)
+        except ValueError as err:
+            raise ConfigError(named("nonfinite", str(err))) from None
+    if cfg.get("trainer") is not None:
+        check_trainer(cfg.trainer, machine=not for_cache)
+        check_loss(cfg.get("loss", "auto"), cfg.trainer)
+        if not for_cache:
+            check_batch(cfg)
+            check_launch(cfg)
+    if cfg.get("scheduler") is not None:
+        check_scheduler(cfg.scheduler)
+    if cfg.get("ckpt_path") and cfg.ckpt_path != "last" and "://" not in cfg.ckpt_path:  # remote: Lightning reads it
+        check_checkpoint("ckpt_path", cfg.ckpt_path)
+    weighting = build(cfg.weighting, "weighting")
+    context = build(cfg.context, "context")
+    scorer = build(cfg.scorer, "scorer")
+    if weighting.needs_scores and not scorer.produces_scores:
+        raise ConfigError(f"weighting={weighting.name} needs a scorer: scorer=none allows only weighting=uniform")
+    model_spec = build(cfg.model, "model")
+    if cfg.get("eval"):
+        strategy = (cfg.get("trainer") or {}).get("strategy")
+        if isinstance(strategy, DictConfig) and strategy.get("_target_") == "lctw.distributed.FSDP2Strategy":
+            raise ConfigError("eval is not run inside a trainer=fsdp run (θ is sharded over the ranks): set eval=null "
+                              "and evaluate the exported θ afterwards, python eval.py ckpt=<run dir> eval=<name>")
+        build(cfg.eval, "eval")  # the evaluation's options are checked before training starts
+    build(cfg.data, "data")  # its constructor checks its options; the documents are read later
+    if scorer.fixed:
+        _warn_beyond_pretraining(scorer, model_spec)
+    tokenizer = model_spec.tokenizer()
+    if scorer.fixed and scorer.source(model_spec) is not model_spec:
+        small = scorer.source(model_spec)
+        small_vocab = small.tokenizer().get_vocab()
+        if small_vocab != tokenizer.get_vocab():
+            raise ConfigError(
+                f"scorer=small: scorer.model ({small.describe()}) has a different vocabulary "
+                f"({len(small_vocab)} tokens) from model ({model_spec.describe()}, {len(tokenizer)} tokens); "
+                "the small scorer must use the same tokenizer"
+            )
+    return Parts(model_spec, scorer, weighting, context, tokenizer)
+
+
+def _warn_beyond_pretraining(scorer, model_spec) -> None:
+    """θ′ scoring windows longer than it was pretrained on is a legitimate experiment, but rarely the
+    intended one (the short-context scores then include positions θ′ never saw), so it is said."""
+    source = scorer.source(model_spec)
+    trained = source.pretrained_length()
+    if trained is not None and scorer.n > trained:
+        where = "model" if source is model_spec else "scorer.model"
+        log.warning("scorer.n=%d is longer than the %d tokens θ′ (%s) was pretrained at: its windows reach "
+                    "positions θ′ never saw in pretraining", scorer.n, trained, where)
+
+
+
+def validate_evaluation(cfg: DictConfig):
+    """``eval.py``'s configuration, before any model or data loads; returns the built evaluation."""
+    check_keys(cfg, EVAL_KEYS)
+    check_model_path("ckpt", cfg.ckpt, cfg.get("gguf_file"))
+    check_device("device", cfg.device)
+    return build(cfg.eval, "eval")
+
+
+def validate_inspection(cfg: DictConfig) -> tuple[Any, Any]:
+    """``python -m lctw.inspect``'s configuration, before any model loads; returns (scorer, weighting)."""
+    check_keys(cfg, INSPECT_KEYS)
+    if not Path(cfg.text).expanduser().is_file():
+        raise ConfigError(f"text={cfg.text!r} is not a file: give the text file to inspect")
+    if cfg.max_tokens is not None and cfg.max_tokens < 3:
+        raise ConfigError(f"max_tokens={cfg.max_tokens} is out of range: allowed >= 3 (BOS and two targets), or null")
+    if cfg.top_k < 1:
+        raise ConfigError(f"top_k={cfg.top_k} is out of range: allowed >= 1")
+    check_device("device", cfg.device)
+    if cfg.ckpt:
+        check_model_path("ckpt", cfg.ckpt)
+    check_lengths(cfg)
+    weighting, scorer = build(cfg.weighting, "weighting"), build(cfg.scorer, "scorer")
+    if not scorer.produces_scores:
+        raise ConfigError("scorer=none has no scores to show: allowed scorer=self, frozen or small")
+    return scorer, weighting
