@@ -121,7 +121,7 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
 
 def check_resume(path, cfg: DictConfig) -> None:
     """Before any model loads: ``path`` is a sound checkpoint of this run's θ (see the module docstring)."""
-    from lctw.config import ConfigError
+    from lctw.errors import ConfigError
 
     try:
         if Path(path).is_dir():

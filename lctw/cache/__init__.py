@@ -54,7 +54,7 @@ from omegaconf import DictConfig
 
 from lctw.cache.fingerprint import differences, fingerprint, fingerprint_key
 from lctw.cache.store import CHECKSUM, CacheDamaged, ScoreCache, row_checksum
-from lctw.config import ConfigError, named
+from lctw.errors import ConfigError, named
 from lctw.scorers import CachedScorer, FixedScorer
 
 log = logging.getLogger(__name__)

@@ -23,19 +23,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key, the value and what is allowed."""
-
-
-
-def named(key: str, message: str) -> str:
-    """A part's own error under its config key: ``lam=1.5 …`` -> ``weighting.lam=1.5 …``."""
-    if message.startswith((f"{key}.", f"{key}=", f"{key}:")):
-        return message
-    if re.match(r"[A-Za-z_]\w*[=:]", message):
-        return f"{key}.{message}"
-    return f"{key}: {message}"
+from lctw.errors import ConfigError, named
 
 
 def build(node: DictConfig, key: str, **kwargs):

@@ -1,0 +1,22 @@
+"""The error of a configuration that cannot run, and how a part's own error is named under its config key.
+
+A leaf: the config layer (:mod:`lctw.config`), the checkpoints and the score cache raise it without
+importing each other.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key, the value and what is allowed."""
+
+
+def named(key: str, message: str) -> str:
+    """A part's own error under its config key: ``lam=1.5 …`` -> ``weighting.lam=1.5 …``."""
+    if message.startswith((f"{key}.", f"{key}=", f"{key}:")):
+        return message
+    if re.match(r"[A-Za-z_]\w*[=:]", message):
+        return f"{key}.{message}"
+    return f"{key}: {message}"
