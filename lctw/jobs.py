@@ -137,7 +137,6 @@ class SweepSummary(Callback):
             print(f"{len(failed)} of {len(jobs)} jobs failed (see {sweep / 'summary.md'})", file=sys.stderr)
             raise SystemExit(1)
 
-
     def _report(self, sweep: Path) -> None:
         from omegaconf import OmegaConf
 
