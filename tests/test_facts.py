@@ -148,7 +148,7 @@ def test_the_study_sweep_runs_each_configuration_once_per_seed_at_equal_steps_an
         scorer = cfg.scorer._target_.rsplit(".", 1)[1] if cfg.get("scorer") else None
         param = cfg.weighting.get("lam") if kind == "dense" else cfg.weighting.get("kappa")
         runs.add((kind, param if kind != "uniform" else None, scorer))
-        assert (cfg.trainer.max_steps, cfg.data.batch_size, cfg.N, cfg.n) == (40, 2, 512, 128)  # equal compute
+        assert (cfg.trainer.max_steps, cfg.data.batch_size, cfg.N, cfg.n) == (120, 2, 512, 128)  # equal compute
         assert cfg.data.facts.min_distance == cfg.n and cfg.model.base.data.facts.max_distance < cfg.n
         assert cfg.eval.recall._target_ == "lctw.eval.recall.Recall"
     assert len(runs) == len(arms) == 9  # uniform once, without a scorer
