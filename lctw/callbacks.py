@@ -4,7 +4,8 @@
 
 * **Every training step** it keeps a sample of the valid targets' scores, weights and positions
   (``per_step`` of them, drawn with its own generator, so training's random streams are untouched)
-  and the step's weight diagnostics (ESS and mass beyond n, :func:`lctw.module.weight_stats`). At the
+  and the step's weight diagnostics (ESS and mass beyond n, :func:`lctw.module.weight_stats`, as the
+  training step returns them). At the
   end of training they go to ``<run dir>/token_weights.npz``, which ``python -m lctw.report`` reads
   for its histograms and its training-averaged weight diagnostics (and, with W&B, into the run's files).
   Memory stays bounded: past ``max_samples`` every other sampled step is dropped and sampling halves
@@ -26,8 +27,6 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-
-from lctw.module import weight_stats
 
 log = logging.getLogger(__name__)
 SAMPLES = "token_weights.npz"
@@ -57,8 +56,7 @@ class TokenWeights(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not isinstance(outputs, dict) or "weights" not in outputs:
             return  # a skipped (faulty) step returns nothing
-        weights, mask, scores = outputs["weights"], outputs["mask"], outputs.get("scores")
-        stats = weight_stats(weights, mask, pl_module.n)
+        weights, mask, scores, stats = outputs["weights"], outputs["mask"], outputs.get("scores"), outputs["stats"]
         self.steps["ess"].append(stats["weight_ess"].detach())
         self.steps["mass_beyond_n"].append(stats["weight_mass_beyond_n"].detach())
         self.batches += 1

@@ -209,16 +209,18 @@ class TokenWeightingLM(L.LightningModule):
         scores = None if short_lp is None else (short_lp - long_lp.detach()).abs() * mask
         if scores is not None:
             logs["train/zero_score_rows"] = (scores.sum(-1) == 0).float().sum()
-        logs.update({f"train/{k}": v for k, v in weight_stats(weights, mask, self.n).items()})
+        stats = weight_stats(weights, mask, self.n)
+        logs.update({f"train/{k}": v for k, v in stats.items()})
         if scores is not None:
             logs["train/score_mean"] = scores.sum() / mask.sum().clamp_min(1)
         if self._trainer is not None and self.trainer.optimizers:
             logs["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log_dict(logs, on_step=True, prog_bar=False, batch_size=ids.shape[0])
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=ids.shape[0])
-        # Σ w_i CE_i, normalised by the whole step's targets (module docstring); scores and weights go to
-        # callbacks' on_train_batch_end (lctw.callbacks.TokenWeights), detached
-        return {"loss": loss * targets.clamp_min(1), "scores": scores, "weights": weights.detach(), "mask": mask}
+        # Σ w_i CE_i, normalised by the whole step's targets (module docstring); scores, weights and their
+        # diagnostics go to callbacks' on_train_batch_end (lctw.callbacks.TokenWeights), detached
+        return {"loss": loss * targets.clamp_min(1), "scores": scores, "weights": weights.detach(), "mask": mask,
+                "stats": stats}
 
     def validation_step(self, batch, batch_idx):
         ids, mask = batch["input_ids"], batch["mask"]

@@ -13,6 +13,7 @@ from lctw.callbacks import TokenWeights
 from lctw.config import ConfigError
 from lctw.inspect import inspect_text
 from lctw.models import bpe_tokenizer
+from lctw.module import weight_stats
 from lctw.scoring import model_logprobs
 from lctw.tokenview import visible
 
@@ -84,7 +85,7 @@ def _step(callback, batches, n=4, rows=2, cols=16):
         mask[1, 12:] = False  # padding is never sampled
         weights = torch.rand(rows, cols) * mask
         callback.on_train_batch_end(None, module, {"loss": None, "scores": weights * 2, "weights": weights,
-                                                    "mask": mask}, None, 0)
+                                                    "mask": mask, "stats": weight_stats(weights, mask, n)}, None, 0)
 
 
 def test_training_samples_stay_bounded_spread_over_the_run_and_survive_a_resume():

@@ -31,7 +31,6 @@ class Run:
     samples: dict = field(default_factory=dict)  # token_weights.npz: scores, weights, step_ess, ...
 
 
-
 def _with_training_means(metrics: dict, samples: dict) -> dict:
     """The weight diagnostics averaged over all training steps (the logged ``train/*`` are the last step's)."""
     out = dict(metrics)
@@ -59,7 +58,6 @@ def _option_names(config: dict) -> dict:
     if "context.method" in config:
         names["context"] = config["context.method"]
     return names
-
 
 
 def local_runs(sweep: Path) -> tuple[list[Run], list[str]]:

@@ -37,7 +37,6 @@ def matches_any(key: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
-
 def config_columns(runs: list[Run]) -> list[str]:
     """The label keys present in any run, then every other key with two or more values among the runs (a key
     that only some runs have, such as ``scorer.mode`` beside ``scorer=none``, needs two values of its own)."""
