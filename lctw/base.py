@@ -29,6 +29,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lctw.jobs import read_metrics
+
 log = logging.getLogger(__name__)
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -118,9 +120,7 @@ def base_metrics(spec) -> dict[str, float]:
     if not getattr(spec, "built_locally", False) or not getattr(spec, "pretrained", False):
         return {}
     path = spec.path.parent / "metrics.json"
-    if not path.is_file():
-        return {}
-    measured = json.loads(path.read_text())
+    measured = read_metrics(path)
     out = {f"base/{k}": v for k, v in measured.items() if k == "val/ce" or k.startswith("eval/")}
     gain = measured.get("eval/recall/gain_within_n")
     if gain is None:
