@@ -8,8 +8,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from lctw.evaluation import evaluate
-from lctw.jobs import run_job
+from lctw.eval.evaluate import evaluate
+from lctw.runs.jobs import run_job
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")

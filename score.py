@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lctw.cache.fill import fill_cache
-from lctw.jobs import run_job
+from lctw.runs.jobs import run_job
 
 
 @hydra.main(config_path="conf", config_name="score", version_base="1.3")

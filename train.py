@@ -10,13 +10,13 @@
 import hydra
 from omegaconf import DictConfig
 
-from lctw.experiment import run
-from lctw.jobs import objective, run_job
+from lctw.runs.jobs import objective, run_job
+from lctw.training.stages import train
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run_job(cfg, run)  # status.json in the run directory; a failed sweep job does not stop the sweep
+    metrics = run_job(cfg, train)  # status.json in the run directory; a failed sweep job does not stop the sweep
     return objective(cfg, metrics)
 
 

@@ -13,7 +13,7 @@ Llama built from ``--hidden/--layers/--heads/--vocab``. On a machine without CUD
 status 2 and says so; any failed check exits with status 1. ``--cpu-check`` runs the same code on the CPU
 (gloo, a tiny model, the CPU's kernels): a test of this script, whose figures mean nothing. Every rank
 builds its model on its GPU and shards it at once with lctw's own plan
-(:func:`lctw.distributed.shard_model`, what ``trainer=fsdp`` runs).
+(:func:`lctw.training.distributed.shard_model`, what ``trainer=fsdp`` runs).
 
 Checks (each "ok" or "FAILED" with its numbers):
 
@@ -125,7 +125,7 @@ def shard(model, mesh, checkpointing: bool):
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from lctw.distributed import shard_model
+    from lctw.training.distributed import shard_model
 
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -138,7 +138,7 @@ def check_fsdp2(model) -> dict:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from lctw.distributed import decoder_layers
+    from lctw.training.distributed import decoder_layers
 
     layers = decoder_layers(model)
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
@@ -179,7 +179,7 @@ def check_loss_kernels(hidden: int, vocab: int, tokens: int = 8192) -> dict:
     reduces in fp32 like full logits (1e-3); the fused kernels multiply bf16 inputs (1e-2 relative)."""
     import torch
 
-    from lctw.loss import kernel_problem, token_logprobs
+    from lctw.method.kernels import kernel_problem, token_logprobs
 
     torch.manual_seed(0)
     h = (torch.randn(1, tokens, hidden, device=DEVICE) / hidden**0.5).bfloat16().requires_grad_()
@@ -223,7 +223,7 @@ def check_flex_window(model, vocab: int, length: int = 4096, n: int = 1024) -> d
     """Window scoring (every target sees exactly its last n tokens) with FlexAttention vs the sdpa kernel.
     Both run bf16 attention; they differ by summation order only (max |Δ log p| well under 0.05 nats)."""
 
-    from lctw.scoring import ShortContext
+    from lctw.method.scoring import ShortContext
 
     ids = random_batch(vocab, length, 1)["input_ids"]
     out = {}
@@ -274,9 +274,9 @@ def main(argv=None) -> int:
 
     import torch.distributed as dist
 
-    from lctw.module import TokenWeightingLM
-    from lctw.scorers import FrozenScorer, NoScorer, SelfScorer
-    from lctw.weighting import Dense, Uniform
+    from lctw.method.scorers import FrozenScorer, NoScorer, SelfScorer
+    from lctw.method.weighting import Dense, Uniform
+    from lctw.training.module import TokenWeightingLM
 
     warnings.filterwarnings("ignore")  # self.log() outside a Trainer warns once per call site
     mesh, rank, world = setup_distributed()

@@ -59,7 +59,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO_ROOT))  # this checkout's lctw, even if another one is pip-installed
     import torch
 
-    from lctw.loss import token_logprobs, weighted_loss
+    from lctw.method.kernels import token_logprobs, weighted_loss
 
     chunk_size = None if args.worker == "naive" else args.chunk_size
     dtype = getattr(torch, args.dtype)

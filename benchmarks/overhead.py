@@ -87,15 +87,18 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(REPO_ROOT))
+    sys.path.insert(0, str(REPO_ROOT / "tests"))  # the frozen-copy helper of the tests
     import datasets
     import torch
+    from oracles import frozen_copy
 
-    from lctw.attention import resolve_kernel
+    from lctw.cache.scorer import CachedScorer
     from lctw.cache.store import SHORT, row_checksum
     from lctw.data import collate
-    from lctw.module import TokenWeightingLM
-    from lctw.scorers import CachedScorer, NoScorer, SelfScorer, SmallScorer, frozen_copy
-    from lctw.weighting import Dense, Uniform
+    from lctw.method.attention import resolve_kernel
+    from lctw.method.scorers import NoScorer, SelfScorer, SmallScorer
+    from lctw.method.weighting import Dense, Uniform
+    from lctw.training.module import TokenWeightingLM
 
     warnings.filterwarnings("ignore")  # self.log() outside a Trainer warns once per call site
     datasets.disable_progress_bars()

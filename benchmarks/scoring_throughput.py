@@ -57,11 +57,11 @@ def main(argv=None) -> dict:
     import torch
     from overhead import build_llama, params
 
-    from lctw.attention import resolve_kernel
     from lctw.cache.fill import fill_rows
     from lctw.cache.store import ScoreCache
-    from lctw.scorers import FrozenScorer
-    from lctw.scoring import default_stride, window_mask
+    from lctw.method.attention import resolve_kernel
+    from lctw.method.scorers import FrozenScorer
+    from lctw.method.scoring import default_stride, window_mask
 
     datasets.disable_progress_bars()
     if args.threads:

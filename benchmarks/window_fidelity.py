@@ -1,7 +1,7 @@
 """How close one-pass ``window`` scoring comes to exact per-target short contexts on a real model.
 
 With one layer every window variant is exact; with L layers a sliding window lets information reach a
-target from up to L·(n-1)+1 tokens back (see ``lctw/scoring.py``). This measures what that means for a
+target from up to L·(n-1)+1 tokens back (see ``lctw/method/scoring``). This measures what that means for a
 real pretrained model: for sampled targets beyond n, each one-pass variant is compared with brute force
 (one forward pass per target on its own context) of the same definition, and with the reference
 definition of the paper's short context, an n-token window [BOS, x_{i-n+2} … x_i] (``sink=in_range``).
@@ -59,16 +59,18 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(REPO_ROOT))
+    sys.path.insert(0, str(REPO_ROOT / "tests"))  # the brute-force oracle
     import torch
+    from oracles import brute_force_logprobs
 
     from lctw.data import essays
+    from lctw.method.scoring import model_logprobs, shared_targets, short_context_logprobs
     from lctw.models import HFModel
-    from lctw.scoring import brute_force_logprobs, model_logprobs, shared_targets, short_context_logprobs
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model == "smollm2":
-        from lctw.smollm2 import SmolLM2
+        from lctw.models.smollm2 import SmolLM2
 
         spec = SmolLM2()
     else:

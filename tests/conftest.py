@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lctw import models
+from lctw.data import essays
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -62,7 +63,7 @@ def hf_model(cache_dir, tmp_path_factory):
     """A small Llama with tied embeddings (every row of the embedding gets a gradient through the LM head),
     initialised like a pretrained model, N(0, 0.02), saved as a local Hugging Face model."""
     path = tmp_path_factory.mktemp("hf-model")
-    tok = models.TinyLlama(n=32, cache_dir=cache_dir).tokenizer()
+    tok = models.TinyLlama(n=32, cache_dir=cache_dir, corpus=essays).tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                          intermediate_size=128, vocab_size=len(tok), max_position_embeddings=32,

@@ -26,11 +26,11 @@ from lctw import cache as score_cache
 from lctw.cache.fill import fill_cache as run_score
 from lctw.cache.store import MANIFEST, SHORT, CacheDamaged, ScoreCache, file_sha256, row_checksum
 from lctw.config import ConfigError, build, validate
-from lctw.experiment import run
-from lctw.module import TokenWeightingLM
-from lctw.scorers import FrozenScorer, SmallScorer
-from lctw.scoring import model_logprobs, short_context_logprobs
-from lctw.theta import build_theta
+from lctw.method.scorers import FrozenScorer, SmallScorer
+from lctw.method.scoring import model_logprobs, short_context_logprobs
+from lctw.models.theta import build_theta
+from lctw.training.module import TokenWeightingLM
+from lctw.training.stages import prepare, train
 
 # A few essays only (about 100 chunks), so that scoring all of them takes seconds.
 DATA = ["+data.max_docs=4"]
@@ -43,7 +43,7 @@ def compose_score(overrides, cache):
 
 
 def train_split(cfg):
-    parts = validate(cfg)
+    parts = prepare(validate(cfg))  # θ0 built or found by the base stage, as the entry points do
     data = build(cfg.data, "data", tokenizer=parts.tokenizer)
     data.setup("fit")
     return parts, data
@@ -73,7 +73,7 @@ def _score_interrupted_then_resumed(cache_dir):
     cache = ScoreCache(first)
     assert not cache.complete and cache.rows_done() == 12  # the limit rounds up to whole batches
     with pytest.raises(ValueError, match=r"is incomplete \(12 of \d+ rows scored\)\. Finish it with: python score\.py"):
-        run(compose([*TRAIN, "scorer.cache=true"], cache=cache_dir), run_dir=os.devnull)
+        train(compose([*TRAIN, "scorer.cache=true"], cache=cache_dir), run_dir=os.devnull)
     again = run_score(compose_score(["score.batch_size=4", "score.shard_rows=8"], cache_dir))
     assert again == first and cache.complete
     return first
@@ -140,7 +140,7 @@ def test_training_with_the_cache_never_loads_theta0(scored, cache_dir, tmp_path,
     quiet = [o for o in TRAIN if not o.startswith("logger.")] + ["logger=none", "callbacks=none"]
     cfg = compose([*quiet, "scorer.cache=true", "trainer.max_steps=2", "trainer.val_check_interval=2",
                    "trainer.limit_val_batches=1"], cache=cache_dir)
-    metrics = run(cfg, run_dir=tmp_path)
+    metrics = train(cfg, run_dir=tmp_path)
     assert torch.isfinite(torch.tensor([metrics["train/loss"], metrics["train/weight_std"], metrics["val/ce"]])).all()
     assert metrics["train/weight_std"] > 0  # real, non-uniform weights from the cached scores
 
@@ -158,7 +158,7 @@ def test_a_stale_cache_is_refused_with_what_changed_and_the_command(scored, cach
     try:
         HydraConfig.instance().set_config(hydra_cfg)
         with pytest.raises(ValueError) as err:
-            run(cfg, run_dir=os.devnull)
+            train(cfg, run_dir=os.devnull)
     finally:
         HydraConfig.instance().cfg = None
     message = str(err.value)
@@ -177,7 +177,7 @@ def test_an_explicit_cache_directory_for_another_configuration_is_refused(scored
     cfg = compose([*TRAIN, f"scorer.cache={scored}", "scorer.mode=window"], cache=cache_dir)
     with pytest.raises(ValueError, match=r"refused, the cache at .* was built for another configuration "
                                          r"\(mode: cache 'chunked', now 'window'; sink: cache None, now False"):
-        run(cfg, run_dir=os.devnull)
+        train(cfg, run_dir=os.devnull)
     with pytest.raises(ValueError, match="holds scores for another configuration"):
         run_score(compose_score([f"scorer.cache={scored}", "scorer.mode=window"], cache_dir))
 
@@ -214,7 +214,7 @@ def copy_of(scored, tmp_path):
 
 
 def train_with(cache, cache_dir):
-    return run(compose([*TRAIN, f"scorer.cache={cache}"], cache=cache_dir), run_dir=os.devnull)
+    return train(compose([*TRAIN, f"scorer.cache={cache}"], cache=cache_dir), run_dir=os.devnull)
 
 
 def rewrite_shard(path, change):

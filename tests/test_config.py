@@ -10,10 +10,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import open_dict
 
-from lctw import loggers, models
-from lctw.callbacks import TokenWeights
 from lctw.config import TRAIN_KEYS, check_keys, check_trainer
 from lctw.config import validate as build_parts
+from lctw.runs import loggers, models
+from lctw.training.callbacks import TokenWeights
 
 # Files starting with "_" hold keys shared by a group's options through `defaults:`; they are not options.
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml") if not f.stem.startswith("_"))
@@ -111,7 +111,7 @@ def test_experiments_compose_as_deltas(experiment, scorer, tmp_path):
     if experiment == "paper_llama3" and scorer == "frozen":
         assert (cfg.n, cfg.N, cfg.context.rope_theta) == (8192, 32768, 15300000)
         assert instantiate(cfg.scorer).short.stride == 6144  # the paper's (1 - n/N)·n
-        assert cfg.trainer.strategy._target_ == "lctw.distributed.FSDP2Strategy"
+        assert cfg.trainer.strategy._target_ == "lctw.training.distributed.FSDP2Strategy"
         assert (cfg.trainer.strategy.param_dtype, cfg.model.dtype) == ("bfloat16", "float32")  # fp32 masters
         assert cfg.global_batch == 16 and cfg.trainer.accumulate_grad_batches == 2  # 1 × 8 GPUs × 2
         assert cfg.weighting.lam == 0.75 and cfg.optimizer.lr == 2e-5 and list(cfg.optimizer.betas) == [0.9, 0.95]

@@ -3,11 +3,11 @@
 import pytest
 import torch
 from conftest import tiny_llama
+from oracles import frozen_copy
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from lctw.context import ContextExtension, rotary_dim
-from lctw.scorers import frozen_copy
+from lctw.method.context import ContextExtension, rotary_dim
 
 N, n = 256, 64
 

@@ -12,7 +12,7 @@ from lctw.models import HFModel, TinyLlama
 
 @pytest.fixture(scope="module")
 def tokenizer(cache_dir):
-    return TinyLlama(n=32, cache_dir=cache_dir).tokenizer()
+    return TinyLlama(n=32, cache_dir=cache_dir, corpus=essays).tokenizer()
 
 
 def docs(k=6, words=300):

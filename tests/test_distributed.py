@@ -1,6 +1,6 @@
 """Distributed correctness: 2 ranks x b sequences, and b sequences x 2 accumulated micro-batches, give the
-loss and the gradient of one batch of 2b sequences (lctw/module.py's docstring), and FSDP2 (trainer=fsdp)
-shards, checkpoints, resumes and consolidates (lctw/distributed.py).
+loss and the gradient of one batch of 2b sequences (lctw/training/module's docstring), and FSDP2 (trainer=fsdp)
+shards, checkpoints, resumes and consolidates (lctw/training/distributed).
 
 The sequences have different numbers of valid targets (padding), so a mean of per-micro-batch means would
 differ from the batch's mean: the tests would catch it. One plain SGD step at lr 1 without clipping makes
@@ -21,15 +21,15 @@ import torch
 from conftest import RUN, compose, tiny_llama
 from torch.utils.data import DataLoader
 
-from lctw.checkpoints import is_sharded
 from lctw.config import ConfigError, validate_evaluation
-from lctw.consolidate import consolidate
-from lctw.distributed import FSDP2Strategy, decoder_layers, gather_theta
-from lctw.experiment import run
-from lctw.module import TokenWeightingLM
-from lctw.scorers import SelfScorer
-from lctw.theta import load_theta
-from lctw.weighting import Dense
+from lctw.method.scorers import SelfScorer
+from lctw.method.weighting import Dense
+from lctw.models.theta import load_theta
+from lctw.runs.checkpoints import is_sharded
+from lctw.training.consolidate import consolidate
+from lctw.training.distributed import FSDP2Strategy, decoder_layers, gather_theta
+from lctw.training.module import TokenWeightingLM
+from lctw.training.stages import train
 
 LENGTHS = [12, 5, 9, 3]  # tokens per sequence (BOS included); the rest of the 12 positions is padding
 
@@ -137,7 +137,7 @@ def test_fsdp_run_writes_sharded_checkpoints_that_resume_and_consolidate(hf_mode
                  "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=2",
                  "trainer.accumulate_grad_batches=1", "checkpoint_every=1", "trainer.val_check_interval=2",
                  "trainer.limit_val_batches=1", "validate_first=false", "logger=none", "callbacks=default"]
-    run(compose(overrides, cache=cache_dir), run_dir=tmp_path)
+    train(compose(overrides, cache=cache_dir), run_dir=tmp_path)
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert is_sharded(last)
     files = [f for f in last.iterdir() if not f.name.endswith(".sha256")]
@@ -154,7 +154,7 @@ def test_fsdp_run_writes_sharded_checkpoints_that_resume_and_consolidate(hf_mode
     validate_evaluation(compose([f"ckpt={last}"], config_name="evaluate"))  # and the checkpoint directory itself
 
     # resume: the same run directory, two more steps, from the sharded last.ckpt
-    run(compose([*overrides, "trainer.max_steps=4"], cache=cache_dir), run_dir=tmp_path)
+    train(compose([*overrides, "trainer.max_steps=4"], cache=cache_dir), run_dir=tmp_path)
     assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 4
 
     shard = next(f for f in files if f.suffix == ".distcp")
@@ -169,7 +169,7 @@ def test_fsdp_run_writes_sharded_checkpoints_that_resume_and_consolidate(hf_mode
 @pytest.mark.slow  # about 3 minutes on 2 loaded cores: 2 ranks x 3 commands, each importing everything
 def test_train_fsdp_on_two_ranks_resumes_and_consolidates(cache_dir, tmp_path):
     """The documented commands: train.py trainer=fsdp on 2 gloo ranks (frozen scorer θ0 sharded too), the
-    same command resumed from the sharded last.ckpt, then python -m lctw.consolidate."""
+    same command resumed from the sharded last.ckpt, then python -m lctw.training.consolidate."""
     from conftest import ROOT, SMALL
     from safetensors.torch import load_file
 
@@ -186,7 +186,7 @@ def test_train_fsdp_on_two_ranks_resumes_and_consolidates(cache_dir, tmp_path):
         assert torch.load(run_dir / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == steps
     assert "Restored all states from the checkpoint" in proc.stderr + proc.stdout
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
-    cmd = [sys.executable, "-m", "lctw.consolidate", str(run_dir / "checkpoints" / "last.ckpt"), str(out)]
+    cmd = [sys.executable, "-m", "lctw.training.consolidate", str(run_dir / "checkpoints" / "last.ckpt"), str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported, consolidated = load_file(run_dir / "hf" / "model.safetensors"), load_file(out / "model.safetensors")

@@ -10,9 +10,9 @@ import torch
 from hydra.utils import instantiate
 
 from lctw.config import ConfigError, build
-from lctw.data import LongDocuments
+from lctw.data import LongDocuments, essays
+from lctw.data.facts import Facts, all_keys, all_values
 from lctw.eval.recall import Recall
-from lctw.facts import Facts, all_keys, all_values
 from lctw.models import TinyLlama
 
 STATEMENT = re.compile(r"The secret number of (\w+) is (\d \d \d \d)\.")
@@ -20,7 +20,7 @@ STATEMENT = re.compile(r"The secret number of (\w+) is (\d \d \d \d)\.")
 
 @pytest.fixture(scope="module")
 def tokenizer(cache_dir):
-    return TinyLlama(n=32, cache_dir=cache_dir).tokenizer()
+    return TinyLlama(n=32, cache_dir=cache_dir, corpus=essays).tokenizer()
 
 
 def test_planted_statements_sit_where_recorded_at_their_distances_and_the_prose_keeps_its_order(tokenizer):
@@ -138,7 +138,7 @@ def test_the_study_sweep_runs_each_configuration_once_per_seed_at_equal_steps_an
     sweep = hydra_compose(config_name="config", overrides=["sweep=mini_repro"], return_hydra_config=True)
     params = sweep.hydra.sweeper.params
     assert params.experiment == "mini_repro" and params.seed.split(",") == ["0", "1", "2"]
-    report = sweep.hydra.callbacks.summary.report  # the study ends in its report (lctw.jobs.SweepSummary)
+    report = sweep.hydra.callbacks.summary.report  # the study ends in its report (lctw.runs.jobs.SweepSummary)
     assert list(report.tradeoff) == ["eval/recall/prose_ce_within_n", "eval/recall/ce_beyond_n"]
     arms = params.arm.split(",")
     runs = set()
@@ -163,13 +163,13 @@ def test_runs_carry_the_within_n_recall_of_their_base_and_warn_when_it_cannot_co
     every run on that base reports it as base/eval/recall/*, and warns when θ0 does not copy."""
     from conftest import RUN, compose
 
-    from lctw import base
-    from lctw.experiment import run
+    from lctw.training import base
+    from lctw.training.stages import train
 
     cfg = compose([*RUN, "n=96", "+model.base.trainer.max_steps=6", "+model.base.data.batch_size=4",
                    "+model.base.eval=recall", "logger=csv", "callbacks=none"], cache=str(tmp_path / "cache"))
-    with caplog.at_level("INFO", logger="lctw.base"):
-        metrics = run(cfg, run_dir=tmp_path / "run")
+    with caplog.at_level("INFO", logger="lctw.training.base"):
+        metrics = train(cfg, run_dir=tmp_path / "run")
     (built,) = (tmp_path / "cache" / "tiny").glob("*/metrics.json")
     measured = json.loads(built.read_text())
     assert measured["eval/recall/acc_within_n"] == 0.0 and "eval/recall/gain_beyond_n" not in measured  # N = n
@@ -180,8 +180,8 @@ def test_runs_carry_the_within_n_recall_of_their_base_and_warn_when_it_cannot_co
     assert "θ0 does not copy within n" in caplog.text
     caplog.clear()
     built.write_text(json.dumps({**measured, "eval/recall/gain_within_n": 9.0}))  # as a base that copies
-    with caplog.at_level("INFO", logger="lctw.base"):
-        assert base.base_metrics(instantiate(cfg.model))["base/eval/recall/gain_within_n"] == 9.0
+    with caplog.at_level("INFO", logger="lctw.training.base"):
+        assert base.prepare(instantiate(cfg.model))["base/eval/recall/gain_within_n"] == 9.0
     assert "does not copy" not in caplog.text and "gain 9.000" in caplog.text
 
 

@@ -1,6 +1,6 @@
 """Numerical faults are caught, not trained on: each fault injected into a real Lightning run.
 
-The policy (lctw/module.py): a step with non-finite log-probs, short log-probs, weights, loss or
+The policy (lctw/training/module): a step with non-finite log-probs, short log-probs, weights, loss or
 gradients is skipped (no parameter changes) and counted; after ``max_skipped`` of them, or at the
 first with ``policy=stop``, the run stops with a FloatingPointError naming the fault.
 """
@@ -15,10 +15,10 @@ from conftest import SMALL, compose, tiny_llama
 from torch.utils.data import DataLoader
 
 from lctw.data import collate
-from lctw.experiment import run
-from lctw.module import TokenWeightingLM
-from lctw.scorers import Scorer
-from lctw.weighting import Dense, Weighting
+from lctw.method.scorers import Scorer
+from lctw.method.weighting import Dense, Weighting
+from lctw.training.module import TokenWeightingLM
+from lctw.training.stages import train
 
 STEPS = 4
 
@@ -152,7 +152,7 @@ def test_checkpoints_are_never_written_with_non_finite_weights():
 
 
 def test_theta_is_never_exported_with_non_finite_weights(tmp_path):
-    from lctw.theta import save_theta
+    from lctw.models.theta import save_theta
 
     model = tiny_llama(layers=1)
     with torch.no_grad():
@@ -167,7 +167,7 @@ def test_a_diverging_run_exits_with_an_error_and_leaves_no_model(cache_dir, tmp_
     metrics it writes are strict JSON."""
     cfg = compose([*SMALL, "optimizer.lr=1e6", "trainer.max_steps=8", "nonfinite.max_skipped=2"], cache=cache_dir)
     with pytest.raises(FloatingPointError, match="non-finite|not finite"):
-        run(cfg, run_dir=tmp_path)
+        train(cfg, run_dir=tmp_path)
     assert not (tmp_path / "hf").exists()
     assert not list(tmp_path.rglob("*nan*.ckpt"))  # no "best" checkpoint of a diverged model
     for f in tmp_path.rglob("*metrics*.json"):
@@ -175,7 +175,7 @@ def test_a_diverging_run_exits_with_an_error_and_leaves_no_model(cache_dir, tmp_
 
 
 def test_metrics_json_is_strict(tmp_path):
-    from lctw.jobs import write_metrics
+    from lctw.runs.jobs import write_metrics
 
     write_metrics(tmp_path / "m.json", {"val/ce": float("nan"), "train/loss": 1.5})
     assert json.loads((tmp_path / "m.json").read_text()) == {"train/loss": 1.5, "val/ce": None}

@@ -1,4 +1,4 @@
-"""Which tokens get weight: python -m lctw.inspect on a tiny model, and the training callback's samples."""
+"""Which tokens get weight: python -m lctw.tools.view on a tiny model, and the training callback's samples."""
 
 import json
 from types import SimpleNamespace
@@ -9,13 +9,13 @@ import torch
 from conftest import compose
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lctw.callbacks import TokenWeights
 from lctw.config import ConfigError
-from lctw.inspect import inspect_text
+from lctw.method.scoring import model_logprobs
 from lctw.models import bpe_tokenizer
-from lctw.module import weight_stats
-from lctw.scoring import model_logprobs
-from lctw.tokenview import visible
+from lctw.tools.tokenview import visible
+from lctw.tools.view import inspect_text
+from lctw.training.callbacks import TokenWeights
+from lctw.training.module import weight_stats
 
 pytestmark = pytest.mark.usefixtures("hydra_conf")  # Hydra initialized once for the module's compositions
 TEXT = ("The secret number of Dovak is 4 7 1 9. Many essays begin with a date and a question. "

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from lctw import loggers
 from lctw.eval.report import log_results, save_plot
-from lctw.loggers import wandb_mode
+from lctw.runs import loggers
+from lctw.runs.loggers import wandb_mode
 
 
 @pytest.fixture
@@ -57,10 +57,10 @@ def test_bad_timeouts_are_refused(tmp_path, key, value):
 
 
 def test_flat_config_has_dotted_keys_and_the_chosen_options():
-    config = {"n": 32, "weighting": {"_target_": "lctw.weighting.Dense", "lam": 0.75}, "model": {"base": {}},
+    config = {"n": 32, "weighting": {"_target_": "lctw.method.weighting.Dense", "lam": 0.75}, "model": {"base": {}},
               "eval": None, "optimizer": {"betas": [0.9, 0.95]}}
     assert loggers.flat_config(config, {"weighting": "dense", "model": "tiny"}) == {
-        "n": 32, "weighting._target_": "lctw.weighting.Dense", "weighting.lam": 0.75, "model.base": {},
+        "n": 32, "weighting._target_": "lctw.method.weighting.Dense", "weighting.lam": 0.75, "model.base": {},
         "eval": None, "optimizer.betas": [0.9, 0.95], "weighting": "dense", "model": "tiny"}
     assert loggers.option_names() == {}  # outside a Hydra app (train.py's runs: tests/test_train.py)
 
@@ -163,7 +163,7 @@ def test_online_start_without_network_falls_back_to_offline_within_seconds(tmp_p
     save_dir = tmp_path / "run"
     proc = run_python(f"""
         import json, time
-        from lctw import loggers
+        from lctw.runs import loggers
 
         start = time.monotonic()
         logger = loggers.wandb({str(save_dir)!r}, "no-network", None, {{"n": 32}})
@@ -191,7 +191,7 @@ def test_a_dead_wandb_service_does_not_stop_training(tmp_path):
         import lightning as L
         import psutil
         import torch
-        from lctw import loggers
+        from lctw.runs import loggers
 
         class Tiny(L.LightningModule):
             def __init__(self):

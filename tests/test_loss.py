@@ -1,4 +1,4 @@
-"""Tests for lctw.loss: chunked LM-head log-probs match the naive path, the weighted loss, and peak memory."""
+"""Tests for lctw.method.kernels: chunked LM-head log-probs match the naive path, the weighted loss, and peak memory."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lctw.loss import token_logprobs, weighted_loss
+from lctw.method.kernels import token_logprobs, weighted_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,7 +173,7 @@ def test_chunked_peak_memory_far_below_naive():
 
 
 def test_auto_kernel_is_chunked_without_cuda():
-    from lctw.loss import resolve_kernel
+    from lctw.method.kernels import resolve_kernel
 
     assert resolve_kernel("auto", "cpu") == "chunked"
     assert resolve_kernel("chunked", "cpu") == "chunked"
@@ -184,7 +184,7 @@ def test_auto_kernel_is_chunked_without_cuda():
 
 @pytest.mark.parametrize("kernel,package", [("cce", "cut_cross_entropy"), ("liger", "liger_kernel")])
 def test_fused_kernel_on_cpu_is_an_error_not_a_fallback(kernel, package):
-    from lctw.loss import resolve_kernel
+    from lctw.method.kernels import resolve_kernel
 
     expected = "needs the" if importlib.util.find_spec(package) is None else "needs CUDA"
     with pytest.raises(ValueError, match=rf"loss={kernel} .*{expected}"):
@@ -194,7 +194,7 @@ def test_fused_kernel_on_cpu_is_an_error_not_a_fallback(kernel, package):
 
 
 def test_auto_never_picks_cce_for_a_head_with_a_bias():
-    from lctw.loss import kernel_problem
+    from lctw.method.kernels import kernel_problem
 
     assert "no LM-head bias" in kernel_problem("cce", "cuda", bias=True)
     assert kernel_problem("chunked", "cpu", bias=True) is None
@@ -215,7 +215,7 @@ def test_fused_kernel_matches_chunked_on_cuda(kernel, dtype):
     """Values and gradients of a fused kernel against the chunked path, fp32 masters with bf16 or fp32
     hidden states. Tolerance: both reduce in fp32, so they differ by summation order (fp32) or by the
     kernel's bf16 matmul inputs (bf16: ~1e-2 relative, the bf16 epsilon times sqrt(D))."""
-    from lctw.loss import kernel_problem
+    from lctw.method.kernels import kernel_problem
 
     if kernel_problem(kernel, "cuda"):
         pytest.skip(kernel_problem(kernel, "cuda"))

@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_llama
 
 from lctw.data import collate
-from lctw.module import TokenWeightingLM, weight_stats
-from lctw.scoring import model_logprobs
-from lctw.weighting import Sparse
+from lctw.method.scoring import model_logprobs
+from lctw.method.weighting import Sparse
+from lctw.training.module import TokenWeightingLM, weight_stats
 
 
 def stats(weights, mask, n):
@@ -75,7 +75,7 @@ def test_validation_split_at_n_equals_a_direct_computation(monkeypatch):
 
 @pytest.mark.parametrize("save", [False, True])
 def test_theta0_is_a_frozen_submodule_left_out_of_checkpoints_unless_asked(save):
-    from lctw.scorers import FrozenScorer
+    from lctw.method.scorers import FrozenScorer
 
     theta = tiny_llama(layers=1)
     scorer = FrozenScorer(8, 32, save=save).use(tiny_llama(layers=1, seed=1))

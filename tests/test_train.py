@@ -19,7 +19,7 @@ from conftest import ROOT, SMALL, compose
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from lctw.experiment import run
+from lctw.training.stages import train
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +28,10 @@ def trained_run(cache_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = compose([*SMALL, "eval=ppl"], cache=cache_dir)
     assert (cfg.scorer._target_, cfg.weighting._target_, cfg.context.method) == (
-        "lctw.scorers.FrozenScorer", "lctw.weighting.Dense", "theta")
+        "lctw.method.scorers.FrozenScorer", "lctw.method.weighting.Dense", "theta")
     (run_dir / ".hydra").mkdir()
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra does for train.py runs
-    return run_dir, run(cfg, run_dir=run_dir)
+    return run_dir, train(cfg, run_dir=run_dir)
 
 
 def test_default_experiment_end_to_end(trained_run, cache_dir):
@@ -52,7 +52,7 @@ def test_default_experiment_end_to_end(trained_run, cache_dir):
     base = next(p.parent.parent for p in Path(cache_dir, "tiny").glob("*/hf/config.json"))
     base_cfg = OmegaConf.load(base / "config.yaml")
     assert (base_cfg.n, base_cfg.N, base_cfg.scorer._target_, base_cfg.context.method) == (
-        32, 32, "lctw.scorers.NoScorer", "none")  # an ordinary run of experiment=base
+        32, 32, "lctw.method.scorers.NoScorer", "none")  # an ordinary run of experiment=base
     assert json.loads((base / "metrics.json").read_text())["val/ce"] < math.log(4096)
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3  # max_steps
     assert json.loads((tmp_path / "metrics.json").read_text())["val/ce"] == metrics["val/ce"]
@@ -74,7 +74,7 @@ def test_default_experiment_end_to_end(trained_run, cache_dir):
 
 def test_wandb_shows_what_the_weighting_does(trained_run):
     """The token view of one validation sequence (HTML) and score/weight histograms at each validation, the
-    flat config, and the training samples the sweep report reads (lctw.callbacks.TokenWeights)."""
+    flat config, and the training samples the sweep report reads (lctw.training.callbacks.TokenWeights)."""
     from test_loggers import read_run
 
     run_dir, _ = trained_run
@@ -96,8 +96,8 @@ def test_wandb_shows_what_the_weighting_does(trained_run):
 
 
 def test_inspect_a_run_with_its_frozen_scorer(trained_run, cache_dir, tmp_path, caplog):
-    """python -m lctw.inspect on a run directory: θ from hf/, θ0 (scorer=frozen) from the run's model spec."""
-    from lctw.inspect import inspect_text
+    """python -m lctw.tools.view on a run directory: θ from hf/, θ0 (scorer=frozen) from the run's model spec."""
+    from lctw.tools.view import inspect_text
 
     run_dir, _ = trained_run
     text = tmp_path / "essay.txt"
@@ -162,7 +162,7 @@ def test_multirun_sweeps_scorer_by_weighting(cache_dir, tmp_path):
     assert config["weighting"] in ("dense", "sparse") and config["scorer"] in ("frozen", "self")
     assert config["context"] == "theta" and config["scorer.n"] == 32
     # the sweep report reads the real job directories: one row per configuration, training histograms
-    from lctw.report import report
+    from lctw.runs.report import report
 
     out = report(str(sweep))
     table = pd.read_csv(out / "report.csv", index_col=0)
@@ -182,7 +182,7 @@ def test_small_scorer_trains_with_its_own_cached_base(cache_dir, tmp_path):
     """scorer=small builds its own (2-layer) base at n with the same tokenizer and scores with it."""
     cfg = compose([*SMALL, "scorer=small", "+scorer.model.base.trainer.max_steps=4", "callbacks=none",
                    "trainer.max_steps=2", "trainer.val_check_interval=2"], cache=cache_dir)
-    metrics = run(cfg, run_dir=tmp_path)
+    metrics = train(cfg, run_dir=tmp_path)
     assert math.isfinite(metrics["train/loss"]) and metrics["train/score_mean"] > 0
     assert metrics["train/weight_zero_frac"] == 0 and metrics["train/weight_ess"] < 1  # dense, non-uniform
     bases = [OmegaConf.load(p) for p in Path(cache_dir, "tiny").glob("*/config.yaml")]
@@ -210,12 +210,12 @@ def test_parallel_processes_build_the_tiny_base_once(tmp_path):
     other waits for them (a file lock) and loads the same weights."""
     script = (
         "import logging, sys, torch; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
-        "from lctw.models import TinyLlama\n"
+        "from lctw.data import essays\nfrom lctw.models import TinyLlama\nfrom lctw.training.base import prepare\n"
         "torch.set_num_threads(1)\n"
         f"m = TinyLlama(n=16, cache_dir={str(tmp_path)!r}, vocab_size=300, hidden_size=16, num_hidden_layers=1,"
         " num_attention_heads=2, num_key_value_heads=2, intermediate_size=32,"
-        " base={'trainer': {'max_steps': 2}, 'data': {'batch_size': 2}})"
-        ".load()\n"
+        " base={'trainer': {'max_steps': 2}, 'data': {'batch_size': 2}}, corpus=essays)\n"
+        "prepare(m); m = m.load()\n"
         "print('SUM', float(sum(p.sum() for p in m.parameters())))\n"
     )
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -233,7 +233,7 @@ def test_resume_from_a_checkpoint_without_theta0(trained_run, cache_dir, tmp_pat
     run_dir, _ = trained_run
     cfg = compose([*SMALL, "trainer.max_steps=4", "trainer.val_check_interval=1",
                    f"ckpt_path={run_dir}/checkpoints/last.ckpt"], cache=cache_dir)
-    metrics = run(cfg, run_dir=tmp_path)
+    metrics = train(cfg, run_dir=tmp_path)
     assert math.isfinite(metrics["val/ce"]) and metrics["train/weight_ess"] < 1
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 4 and not any(k.startswith("scorer") for k in resumed["state_dict"])
@@ -272,5 +272,5 @@ def test_a_bad_checkpoint_is_refused_by_name_before_any_model_loads(trained_run,
     monkeypatch.setattr(models.HFModel, "load", lambda self, weights=True: pytest.fail("a model was loaded"))
     cfg = compose([*SMALL, *overrides, f"ckpt_path={ckpt}"], cache=cache_dir)
     with pytest.raises(ValueError, match=message) as err:
-        run(cfg, run_dir=tmp_path / "run")
+        train(cfg, run_dir=tmp_path / "run")
     assert str(ckpt) in str(err.value)

@@ -23,6 +23,7 @@ from hydra.errors import ConfigCompositionException
 
 from lctw import data, models
 from lctw.config import ConfigError, build, check_value, parameters, validate, validate_evaluation
+from lctw.training import base
 
 pytestmark = pytest.mark.usefixtures("hydra_conf")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -112,7 +113,7 @@ CASES = [
     (evaluate("eval=ppl", "eval.batch_size=0"), r"^eval\.batch_size=0 is out of range: allowed >= 1"),
     (evaluate("eval=all", "eval.ruler.lengths=[100]"), r"^eval\.ruler\.lengths=\[100\] is out of range"),
     # keys that are not options: the nearest valid one
-    (train("+weighting.lamm=0.5"), r"^weighting\.lamm is not an option of weighting \(lctw\.weighting\.Dense\): "
+    (train("+weighting.lamm=0.5"), r"^weighting\.lamm is not an option of weighting \(lctw\.method\.weighting\.Dense\): "
                                    r"did you mean weighting\.lam\?"),
     (train("+trainer.max_step=3"), r"^trainer\.max_step is not an option of trainer \(lightning\.Trainer\): did you "
                                    r"mean trainer\.max_steps\?"),
@@ -177,7 +178,7 @@ def nothing_loads(monkeypatch):
     fails the test."""
     for cls in (models.HFModel, models.TinyLlama):
         monkeypatch.setattr(cls, "load", lambda self, weights=True: pytest.fail("a model was loaded"))
-    monkeypatch.setattr(models.TinyLlama, "prepare", lambda self: pytest.fail("the tiny base was built"))
+    monkeypatch.setattr(base, "build_base", lambda *a, **k: pytest.fail("the tiny base was built"))
     monkeypatch.setattr(models.TinyLlama, "tokenizer", lambda self: pytest.fail("the tiny tokenizer was built"))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a checkpoint was unpickled"))
     monkeypatch.setattr(data.LongDocuments, "setup", lambda self, stage=None: pytest.fail("data was loaded"))

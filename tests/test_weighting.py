@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lctw.weighting import NPMI, PPMI, Dense, LongCE, Sparse, Uniform
+from lctw.method.weighting import NPMI, PPMI, Dense, LongCE, Sparse, Uniform
 
 # One sequence of 4 valid targets: long log-probs 0, short log-probs 0, -1, -1, -2 -> s = 0, 1, 1, 2.
 LONG = torch.zeros(1, 4)

@@ -11,9 +11,9 @@ import signal
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lctw.context import ContextExtension
-from lctw.scorers import Scorer
-from lctw.weighting import Weighting
+from lctw.method.context import ContextExtension
+from lctw.method.scorers import Scorer
+from lctw.method.weighting import Weighting
 
 
 class UnigramScorer(Scorer):

@@ -21,8 +21,8 @@ An explicit directory must match field by field.
 **Alignment.** The cache has one row per chunk of the train split, in its order; every row also stores
 a checksum of its tokens (:func:`lctw.cache.store.row_checksum`). The data module adds the log-probs and checksum as
 columns of the train split, so they travel with the row through shuffling, samplers and ``collate``;
-:class:`lctw.scorers.CachedScorer` recomputes the checksum of every batch on its device (one multiply-add per token)
-and refuses a batch whose tokens are not the ones that were scored. A cache cannot be used silently for
+:class:`lctw.cache.scorer.CachedScorer` recomputes the checksum of every batch on its device (one multiply-add
+per token) and refuses a batch whose tokens are not the ones that were scored. A cache cannot be used silently for
 other data. Only the train split is scored: validation does not use the scorer.
 
 **Integrity.** Every shard's SHA-256 is recorded when it is written; opening a cache for training
@@ -38,12 +38,14 @@ computes exactly the batches of an uninterrupted one (bit-identical results on d
 This module holds what a run does with a cache: read the option (:func:`cache_option`), find the cache
 for the composed config (:func:`open_cache`), say how to build it (:func:`fill_command`) and attach it
 to the data (:func:`attach`).
+
+May import: :mod:`lctw.method` (the scorers), :mod:`lctw.runs.checkpoints` (file checksums), the config
+layer, and (``fill.py``, the ``score.py`` job) :mod:`lctw.training.stages`; the method never imports the cache.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 from pathlib import Path
 
@@ -53,40 +55,12 @@ import torch
 from omegaconf import DictConfig
 
 from lctw.cache.fingerprint import differences, fingerprint, fingerprint_key
+from lctw.cache.scorer import CachedScorer
 from lctw.cache.store import CHECKSUM, CacheDamaged, ScoreCache, row_checksum
 from lctw.errors import ConfigError, named
-from lctw.scorers import CachedScorer, FixedScorer
+from lctw.method.scorers import FixedScorer, cache_option
 
 log = logging.getLogger(__name__)
-
-
-# Words YAML 1.1, shells and other tools read as booleans: as a directory name they are almost surely a typo.
-_BOOLEAN_WORDS = {"true", "false", "yes", "no", "y", "n", "on", "off", "1", "0", "none", "null", ""}
-
-
-def cache_option(cache) -> bool | Path:
-    """The ``cache`` option of a fixed scorer: False (compute live), True (the default cache) or a directory.
-
-    Accepts false/null, true, or a string that looks like a directory path (it contains a ``/`` or
-    starts with ``~`` or ``.``, or is an existing directory) and could be one (no file in the way).
-    Refuses anything else with a ValueError about ``cache``, e.g. ``yes``, ``on`` or ``1``, which would
-    otherwise name a directory "yes" and find no cache there, or (``0``) silently score live.
-    """
-    allowed = "allowed false, true or a directory path such as ./scores or /data/scores"
-    if cache is None or isinstance(cache, bool):
-        return bool(cache)
-    if not isinstance(cache, str):
-        raise ValueError(f"cache={cache!r} is not allowed: {allowed}")
-    if cache.strip().lower() in _BOOLEAN_WORDS:
-        raise ValueError(f"cache={cache!r} is not allowed: {allowed} (write true or false unquoted; "
-                         f"./{cache.strip() or '<name>'} for a directory of that name)")
-    path = Path(cache).expanduser()
-    if not (os.sep in cache or "/" in cache or cache.startswith(("~", ".")) or path.is_dir()):
-        raise ValueError(f"cache={cache!r} is not allowed: {allowed} (./{cache} for a directory of that name)")
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"cache={cache!r} cannot be a directory: {existing} is a file; {allowed}")
-    return path
 
 
 def cache_dir(cfg: DictConfig, fp: dict) -> Path:
@@ -165,7 +139,7 @@ def _nearest(root: Path, fp: dict) -> str:
 def attach(cfg: DictConfig, parts, datamodule) -> CachedScorer:
     """Check the cache and add its columns to the train split; returns the scorer that reads them.
 
-    Called by :func:`lctw.experiment.run` before any model loads, so a missing or stale cache stops the
+    Called by :func:`lctw.training.experiment.run` before any model loads, so a missing or stale cache stops the
     run in seconds. It builds the data module's splits (``setup``, cached on disk by ``datasets``);
     Lightning's own ``setup`` then finds them built. ``parts.scorer`` is the fixed scorer it replaces.
     """

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from lctw.cache import cache_dir, fill_command
 from lctw.cache.fingerprint import fingerprint
 from lctw.cache.store import CacheDamaged, ScoreCache, row_checksum
-from lctw.scorers import FixedScorer
+from lctw.method.scorers import FixedScorer
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,13 @@ def fill_cache(cfg: DictConfig) -> Path:
         device = check_options(**options)
     except ValueError as err:
         raise ConfigError(named("score", str(err))) from None
-    parts = validate(cfg, for_cache=True)
+    from lctw.training.stages import prepare
+
+    parts = prepare(validate(cfg, for_cache=True))  # θ0 of model=tiny built first: its files are in the fingerprint
     datamodule = build(cfg.data, "data", tokenizer=parts.tokenizer)
     datamodule.setup("fit")
     train = datamodule.train_set
     source = parts.scorer.source(parts.model_spec)
-    source.prepare()  # the tiny base is built on first use (under its lock); its files are in the fingerprint
     fp = fingerprint(parts.scorer, parts.model_spec, parts.tokenizer, train, datamodule.fingerprints["train"])
     cache = ScoreCache(cache_dir(cfg, fp))
     try:

@@ -49,7 +49,7 @@ def files_digest(path: Path) -> str:
 def model_identity(spec) -> dict:
     """What identifies the scorer's weights and numerics, without loading them.
 
-    A spec whose weights are built on first use (the tiny base) must be built (``spec.prepare()``)
+    A spec whose weights are built on first use (the tiny base) must be built (:func:`lctw.training.stages.prepare`)
     before it can be identified by its files.
     """
     ident = {"model": spec.describe(), "dtype": getattr(spec, "dtype", None),
@@ -88,7 +88,7 @@ def tokenizer_digest(tokenizer) -> str:
 def fingerprint(scorer, model_spec, tokenizer, train: datasets.Dataset, data_key: str) -> dict:
     """Everything that changes a fixed scorer's cached numbers; JSON-serializable.
 
-    ``scorer`` is a fixed scorer (:class:`lctw.scorers.FixedScorer`); ``model_spec`` the trained model's.
+    ``scorer`` is a fixed scorer (:class:`lctw.method.scorers.FixedScorer`); ``model_spec`` the trained model's.
     """
     return {
         "version": VERSION,

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lctw.cache.fingerprint import differences, fingerprint_key
-from lctw.checkpoints import file_sha256
+from lctw.runs.checkpoints import file_sha256
 
 SHORT, CHECKSUM = "short_logprobs", "checksum"  # the columns a cached row adds to the train split
 MANIFEST = "shards.json"  # {shard file name: {"rows", "bytes", "sha256"}}, one entry per shard written

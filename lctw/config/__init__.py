@@ -27,12 +27,16 @@ refusal can read end to end: ``types.py`` (types against the constructors, :func
 ``runtime.py`` (Trainer, machine, batch, launch, files and devices) and this module (the top-level keys,
 the cross-key invariants, and the entry points' :func:`validate`, :func:`validate_evaluation`,
 :func:`validate_inspection`).
+
+May import: the classes it checks (method, models, data, eval, training.module for the fault policy) and
+:mod:`lctw.runs.jobs` (run-directory resolvers); nothing below it imports the config layer except the
+entry points' jobs, the cache and the stages.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,7 +67,7 @@ from lctw.config.types import (
     parameters,
     target_of,
 )
-from lctw.loss import KERNELS
+from lctw.method.kernels import KERNELS
 from lctw.models import DTYPES
 
 __all__ = ["EVAL_KEYS", "INSPECT_KEYS", "TRAIN_KEYS", "ConfigError", "Parts", "accumulation", "build",
@@ -76,11 +80,11 @@ log = logging.getLogger(__name__)
 
 
 def _register_resolvers() -> None:
-    from lctw.jobs import run_token
+    from lctw.runs.jobs import run_token
 
     if not OmegaConf.has_resolver("div"):
         OmegaConf.register_new_resolver("div", lambda a, b: a / b)
-    if not OmegaConf.has_resolver("run_token"):  # unique run directories (lctw.jobs)
+    if not OmegaConf.has_resolver("run_token"):  # unique run directories (lctw.runs.jobs)
         # cached: Hydra copies a config's resolver cache into each job's config, so a job that runs in
         # another process (submitit, or a requeued SLURM job) names the sweep directory as its launcher did
         OmegaConf.register_new_resolver("run_token", run_token, use_cache=True)
@@ -105,13 +109,15 @@ INSPECT_KEYS = {**TRAIN_KEYS, "ckpt": str | None, "text": str, "max_tokens": int
 
 @dataclass
 class Parts:
-    """The cheap parts of a run, instantiated and checked; no weights loaded."""
+    """The cheap parts of a run, instantiated and checked; no weights loaded. ``base``: θ0's own measurements,
+    filled by the base stage (:func:`lctw.training.stages.prepare`) and reported with the run as ``base/*``."""
 
     model_spec: Any
     scorer: Any
     weighting: Any
     context: Any
     tokenizer: Any
+    base: dict = field(default_factory=dict)
 
 
 def check_lengths(cfg: DictConfig) -> None:
@@ -141,7 +147,7 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
     check_keys(cfg, TRAIN_KEYS)
     check_lengths(cfg)
     if cfg.get("nonfinite") is not None:
-        from lctw.module import check_nonfinite
+        from lctw.training.module import check_nonfinite
 
         try:
             check_nonfinite(cfg.nonfinite.policy, cfg.nonfinite.max_skipped)
@@ -165,7 +171,7 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
     model_spec = build(cfg.model, "model")
     if cfg.get("eval"):
         strategy = (cfg.get("trainer") or {}).get("strategy")
-        if isinstance(strategy, DictConfig) and strategy.get("_target_") == "lctw.distributed.FSDP2Strategy":
+        if isinstance(strategy, DictConfig) and strategy.get("_target_") == "lctw.training.distributed.FSDP2Strategy":
             raise ConfigError("eval is not run inside a trainer=fsdp run (θ is sharded over the ranks): set eval=null "
                               "and evaluate the exported θ afterwards, python eval.py ckpt=<run dir> eval=<name>")
         build(cfg.eval, "eval")  # the evaluation's options are checked before training starts
@@ -206,7 +212,7 @@ def validate_evaluation(cfg: DictConfig):
 
 
 def validate_inspection(cfg: DictConfig) -> tuple[Any, Any]:
-    """``python -m lctw.inspect``'s configuration, before any model loads; returns (scorer, weighting)."""
+    """``python -m lctw.tools.view``'s configuration, before any model loads; returns (scorer, weighting)."""
     check_keys(cfg, INSPECT_KEYS)
     if not Path(cfg.text).expanduser().is_file():
         raise ConfigError(f"text={cfg.text!r} is not a file: give the text file to inspect")

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lctw.config.types import ConfigError
-from lctw.loss import kernel_problem
+from lctw.method.kernels import kernel_problem
 from lctw.models import is_local_path
 
 
@@ -170,7 +170,7 @@ def check_checkpoint(key: str, value: str) -> None:
         raise ConfigError(f"{key}={value!r} does not exist: give a checkpoint a run wrote "
                           "(<run dir>/checkpoints/last.ckpt)")
     if path.is_dir():
-        from lctw.checkpoints import SHARDED_INDEX, SHARDED_META
+        from lctw.runs.checkpoints import SHARDED_INDEX, SHARDED_META
 
         if not (path / SHARDED_META).is_file() or not (path / SHARDED_INDEX).is_file():
             raise ConfigError(f"{key}={value!r} is a directory, not a checkpoint file nor a sharded checkpoint "
@@ -263,7 +263,7 @@ def _resolve_accumulation(cfg: DictConfig) -> None:
 
 def check_batch(cfg: DictConfig) -> None:
     """``global_batch`` (sequences per optimizer step, when set) = data.batch_size × ranks × accumulation;
-    the effective batch is logged by :func:`lctw.experiment.run`."""
+    the effective batch is logged by :func:`lctw.training.experiment.run`."""
     if cfg.get("global_batch") is None or cfg.get("data") is None:
         return
     per_device, accumulate = cfg.data.get("batch_size", 1), cfg.trainer.get("accumulate_grad_batches", 1)

@@ -19,6 +19,9 @@ The rest of the package:
 * ``position``: cross-entropy by position bucket on held-out documents.
 * ``suite``: the ``eval`` config group's evaluations, run by ``eval.py`` and ``train.py``.
 * ``report``: their plots and logger output.
+
+May import: :mod:`lctw.method` (scoring), :mod:`lctw.models`, :mod:`lctw.data`, the config layer and
+:mod:`lctw.runs`; ``evaluate.py`` is the ``eval.py`` job. Nothing in the method or the models imports it.
 """
 
 from lctw.eval.metrics import postprocess_pred, string_match_all, string_match_part

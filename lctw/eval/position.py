@@ -35,7 +35,7 @@ class PositionPerplexity:
         import pandas as pd
 
         from lctw.data import collate
-        from lctw.scoring import model_logprobs
+        from lctw.method.scoring import model_logprobs
 
         width = self.bucket or n
         sums: dict[int, float] = {}

@@ -1,6 +1,6 @@
 """In-context recall of planted facts by distance (``eval=recall``), and the short-context cost.
 
-Why: the method is for better use of distant context. A planted fact (:mod:`lctw.facts`) is a
+Why: the method is for better use of distant context. A planted fact (:mod:`lctw.data.facts`) is a
 dependency whose distance is known: the restated value can be predicted only by looking back to the
 first statement. Each probe is held-out essay text (the validation documents, plain) with a statement
 of a held-out key and value, prose, one distractor statement (another held-out key and value), more
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
+from lctw.data.facts import Facts, assemble
 from lctw.eval.report import log_results, save_plot
-from lctw.facts import Facts, assemble
 
 
 class Recall:

@@ -24,7 +24,7 @@ RUN_CONFIG = "lctw.yaml"  # the run's resolved config beside an exported θ
 
 def build_theta(model_spec, context, weights: bool = True, meta: bool = False) -> torch.nn.Module:
     """θ = the spec's model with its context extended (n -> N), in train mode. ``meta``: the architecture
-    on the meta device, no memory (a rank that receives θ's weights when sharding, :mod:`lctw.distributed`)."""
+    on the meta device, no memory (a rank that receives θ's weights when sharding, :mod:`lctw.training.distributed`)."""
     if meta:
         with torch.device("meta"):
             model = model_spec.load(weights=False)
@@ -53,25 +53,24 @@ def resolve_device(device: str = "auto") -> torch.device:
 def load_theta(ckpt: str, dtype: str = "float32", gguf_file: str | None = None):
     """(θ, tokenizer, the run's config or None) for a run directory, a ``.ckpt`` (a file, or a sharded
     checkpoint's directory, read in this one process) or a Hugging Face model."""
-    from lctw.checkpoints import SHARDED_META
-    from lctw.config import build
-    from lctw.models import DTYPES, HFModel
+    from hydra.utils import instantiate
+
+    from lctw.models.specs import DTYPES, HFModel
+    from lctw.runs.checkpoints import SHARDED_META
 
     path = Path(str(ckpt)).expanduser()
     if path.suffix == ".ckpt":
-        sharded = path.is_dir()  # trainer=fsdp's checkpoints are directories (lctw.distributed)
+        sharded = path.is_dir()  # trainer=fsdp's checkpoints are directories (lctw.training.distributed)
         state = torch.load(path / SHARDED_META if sharded else path, map_location="cpu", weights_only=True)
         config = (state.get("hyper_parameters") or {}).get("config")
         if config is None:
             raise ValueError(f"ckpt={path}: the checkpoint holds no run config (hyper_parameters['config']); "
                              "it was not written by lctw's training module")
         run_cfg = OmegaConf.create(config)
-        spec = build(run_cfg.model, "model")
-        model = build_theta(spec, build(run_cfg.context, "context"), weights=False)
+        spec = instantiate(run_cfg.model)  # the run validated its config when it started
+        model = build_theta(spec, instantiate(run_cfg.context), weights=False)
         prefix = f"{THETA}."
         if sharded:
-            from lctw.distributed import read_sharded_theta
-
             read_sharded_theta(model, path)
         else:
             model.load_state_dict({k.removeprefix(prefix): v for k, v in state["state_dict"].items()
@@ -88,3 +87,23 @@ def load_theta(ckpt: str, dtype: str = "float32", gguf_file: str | None = None):
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer, run_cfg
 
+
+def read_sharded_theta(model: torch.nn.Module, path: Path) -> None:
+    """θ's weights from a sharded checkpoint into an unsharded ``model``, in this one process (no
+    process group): only θ's tensors are read, not the optimizer's or θ''s. Every file is verified first."""
+    import torch.distributed.checkpoint as dcp
+
+    from lctw.runs.checkpoints import verify_share
+
+    error = verify_share(path, 0, 1)
+    if error:
+        raise ValueError(error)
+    saved = {k.removeprefix("state_dict.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
+    own = model.state_dict()
+    state = {f"{THETA}.{k}": v for k, v in own.items() if f"{THETA}.{k}" in saved}
+    loaded = {v.data_ptr() for v in state.values()}
+    missing = [k for k, v in own.items() if f"{THETA}.{k}" not in saved and v.data_ptr() not in loaded]
+    if missing:  # a tied weight (the LM head is the embedding) is saved once, under one of its names
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors of θ (e.g. {missing[0]}): it was written "
+                         "for another model")
+    dcp.load({"state_dict": state}, checkpoint_id=path, no_dist=True)

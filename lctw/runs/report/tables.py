@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lctw.report.runs import Run
+from lctw.runs.report.runs import Run
 
 # Metric families: title -> glob patterns over metric names; a metric belongs to the first family it matches.
 FAMILIES = {
@@ -20,7 +20,7 @@ FAMILIES = {
     "RULER": ["eval/ruler/*"],
     "CE": ["val/ce", "val/ce_within_n", "val/ce_beyond_n", "eval/ce/*"],
     "weights": ["train/weight_ess_mean", "train/weight_mass_beyond_n_mean"],
-    "base": ["base/*"],  # θ0's own measurements (lctw.base.base_metrics): the same for runs on one base
+    "base": ["base/*"],  # θ0's own measurements (lctw.training.base.base_metrics): the same for runs on one base
 }
 PAIRED = ["eval/recall/*", "eval/ruler/average/*", "val/ce_within_n", "val/ce_beyond_n"]  # against uniform
 # The configuration's named columns; other keys that differ between runs are added after them.

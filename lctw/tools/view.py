@@ -1,11 +1,11 @@
-"""Which tokens get weight: the token view (:mod:`lctw.tokenview`) of a text file, as HTML and PNG.
+"""Which tokens get weight: the token view (:mod:`lctw.tools.tokenview`) of a text file, as HTML and PNG.
 
-    python -m lctw.inspect model=smollm2 context=none scorer=self n=128 N=1024 text=essay.txt
-    python -m lctw.inspect ckpt=outputs/runs/<date>/<time> n=32 N=128 weighting=sparse text=essay.txt
+    python -m lctw.tools.view model=smollm2 context=none scorer=self n=128 N=1024 text=essay.txt
+    python -m lctw.tools.view ckpt=outputs/runs/<date>/<time> n=32 N=128 weighting=sparse text=essay.txt
 
 θ is ``ckpt`` (a run directory, a Lightning ``.ckpt`` or a Hugging Face model directory, loaded by
-:func:`lctw.theta.load_theta`) or, without it, ``model`` extended by ``context``
-(:func:`lctw.theta.build_theta`). The scorer, weighting, n and N are this command's config (a run's own
+:func:`lctw.models.theta.load_theta`) or, without it, ``model`` extended by ``context``
+(:func:`lctw.models.theta.build_theta`). The scorer, weighting, n and N are this command's config (a run's own
 are compared and a mismatch is warned about). The text is read as training reads documents: BOS, then
 its tokens, cut to ``max_tokens`` (default N). Written to the Hydra run directory
 (``outputs/inspect/<date>/<time>``): ``tokens.html`` (the text coloured by score and by weight, the top
@@ -26,9 +26,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lctw.config import build, validate_inspection
-from lctw.jobs import run_job
-from lctw.theta import build_theta, load_theta, resolve_device
-from lctw.tokenview import save_png, to_html, token_view
+from lctw.models.theta import build_theta, load_theta, resolve_device
+from lctw.runs.jobs import run_job
+from lctw.tools.tokenview import save_png, to_html, token_view
+from lctw.training import base
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,12 @@ def _theta(cfg: DictConfig):
 
     if not cfg.ckpt:
         spec = build(cfg.model, "model")
+        base.prepare(spec)  # θ0 of model=tiny: the base stage first, when it is not cached
         return build_theta(spec, build(cfg.context, "context")).eval(), spec.tokenizer(), spec, None
     model, tokenizer, run_cfg = load_theta(cfg.ckpt, cfg.dtype)
     if run_cfg is not None:
         spec = build(run_cfg.model, "model")
+        base.prepare(spec)  # a frozen scorer loads the run's θ0
     else:
         path = Path(cfg.ckpt).expanduser()
         spec = HFModel(str(path / "hf" if (path / "hf" / "config.json").exists() else path), dtype=cfg.dtype)

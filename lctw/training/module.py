@@ -11,8 +11,8 @@ means would weight each target by 1/its micro-batch's count). Weights are normal
 the weighting, and a sequence is never split across ranks or micro-batches, so this is the method's L.
 ``train/loss`` logs each micro-batch's own mean.
 
-The parts arrive already built (:func:`lctw.experiment.run`): θ with its context extension
-(:func:`lctw.theta.build_theta`), the scorer with its θ' loaded (a frozen θ0 keeps its original RoPE,
+The parts arrive already built (:func:`lctw.training.experiment.run`): θ with its context extension
+(:func:`lctw.models.theta.build_theta`), the scorer with its θ' loaded (a frozen θ0 keeps its original RoPE,
 because it is loaded from the spec, not extended).
 
 Logged: ``train/loss`` (weighted), ``train/ce`` (unweighted), weight diagnostics (``train/weight_std``,
@@ -20,7 +20,7 @@ Logged: ``train/loss`` (weighted), ``train/ce`` (unweighted), weight diagnostics
 mean), ``train/tokens_per_s``; validation ``val/ce``, ``val/ppl`` and the CE split at position n,
 ``val/ce_within_n`` / ``val/ce_beyond_n`` (targets with at most / more than n tokens before them),
 where context extension shows. ``training_step`` returns the loss together with the step's scores, weights
-and mask (detached), which callbacks receive in ``on_train_batch_end`` (:class:`lctw.callbacks.TokenWeights`).
+and mask (detached), which callbacks receive in ``on_train_batch_end`` (:class:`lctw.training.callbacks.TokenWeights`).
 
 Numerical faults are caught, not trained on (``nonfinite`` in ``conf/config.yaml``). A step whose
 log-probs, short log-probs, weights or loss (on valid targets) or whose gradients are not finite is
@@ -43,11 +43,11 @@ import torch
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
-from lctw.distributed import local
-from lctw.loss import weighted_loss
-from lctw.scorers import NoScorer, Scorer
-from lctw.scoring import model_logprobs
-from lctw.weighting import Uniform, Weighting
+from lctw.method.kernels import weighted_loss
+from lctw.method.scorers import NoScorer, Scorer
+from lctw.method.scoring import model_logprobs
+from lctw.method.weighting import Uniform, Weighting
+from lctw.training.distributed import local
 
 log = logging.getLogger(__name__)
 NONFINITE = ("skip", "stop")
@@ -82,7 +82,7 @@ def check_nonfinite(policy: str, max_skipped: int) -> None:
 class TokenWeightingLM(L.LightningModule):
     """θ (already extended to N), a scorer and a weighting; ``config`` is the run's resolved config,
     saved in every checkpoint (``save_hyperparameters``) so that a checkpoint can rebuild θ by itself
-    (:func:`lctw.theta.load_theta`)."""
+    (:func:`lctw.models.theta.load_theta`)."""
 
     def __init__(
         self,
@@ -101,12 +101,12 @@ class TokenWeightingLM(L.LightningModule):
         super().__init__()
         check_nonfinite(nonfinite, max_skipped)
         self.save_hyperparameters("config", logger=False)
-        self.model = model  # θ: the only trained parameters (THETA in lctw.theta names this attribute)
+        self.model = model  # θ: the only trained parameters (THETA in lctw.models.theta names this attribute)
         self.scorer = scorer or NoScorer()  # a submodule: a fixed scorer's θ' moves (and shards) with θ
         self.weighting = weighting or Uniform()
         self.n = int(n or self.scorer.n)
         self.chunk_size = chunk_size  # rows per LM-head chunk in the loss (None = full logits)
-        self.loss_kernel = loss  # LM-head kernel of the training loss (lctw.loss.KERNELS)
+        self.loss_kernel = loss  # LM-head kernel of the training loss (lctw.method.kernels.KERNELS)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_ce = torch.nn.ModuleDict({k: MeanMetric() for k in ("all", "within_n", "beyond_n")})
@@ -117,7 +117,7 @@ class TokenWeightingLM(L.LightningModule):
         self._window_targets = 0  # valid targets this rank has backpropagated since the last optimizer step
 
     def configure_model(self) -> None:
-        """Sharding, where the strategy does it (``trainer=fsdp``: :class:`lctw.distributed.FSDP2Strategy`)."""
+        """Sharding, where the strategy does it (``trainer=fsdp``: :class:`lctw.training.distributed.FSDP2Strategy`)."""
         shard = getattr(self.trainer.strategy, "shard", None) if self._trainer is not None else None
         if shard is not None:
             shard(self)
@@ -218,7 +218,7 @@ class TokenWeightingLM(L.LightningModule):
         self.log_dict(logs, on_step=True, prog_bar=False, batch_size=ids.shape[0])
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=ids.shape[0])
         # Σ w_i CE_i, normalised by the whole step's targets (module docstring); scores, weights and their
-        # diagnostics go to callbacks' on_train_batch_end (lctw.callbacks.TokenWeights), detached
+        # diagnostics go to callbacks' on_train_batch_end (lctw.training.callbacks.TokenWeights), detached
         return {"loss": loss * targets.clamp_min(1), "scores": scores, "weights": weights.detach(), "mask": mask,
                 "stats": stats}
 

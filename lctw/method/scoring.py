@@ -8,7 +8,7 @@ for every target x_2 … x_T, in one of two modes:
   targets 2 … n, every later window its last ``stride`` targets. A target sees n - stride … n tokens.
   When (T - n) is not a multiple of the stride, one extra window ending at T covers the rest.
   Exactly equal to running each window on its own (tested against that brute force).
-* ``window`` (one pass, sliding-window attention, :mod:`lctw.attention`): in every layer, the query
+* ``window`` (one pass, sliding-window attention, :mod:`lctw.method.attention`): in every layer, the query
   that predicts x_i sees only the n positions before x_i (keys q - n < k <= q). ``sink`` adds the
   row's first token (BOS): ``true`` at its true distance (position 0); ``in_range`` right before a
   window of n - 2 tokens, so each target is predicted exactly as the last target of an n-token
@@ -24,7 +24,7 @@ for every target x_2 … x_T, in one of two modes:
   exact in every mode. ``attention`` picks the kernel (``auto``: FlexAttention on CUDA, blocked sdpa
   elsewhere; ``dense``: the model's attention with a (T, T) mask).
 
-The scorers that use these functions (``none``, ``self``, ``frozen``, ``small``) are in :mod:`lctw.scorers`.
+The scorers that use these functions (``none``, ``self``, ``frozen``, ``small``) are in :mod:`lctw.method.scorers`.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lctw.attention import check_kernel, check_sink, windowed
-from lctw.loss import token_logprobs
+from lctw.method.attention import check_kernel, check_sink, windowed
+from lctw.method.kernels import token_logprobs
 
-LOGPROBS_METHOD = "lctw_logprobs"  # the FSDP forward method of a sharded model (lctw.distributed)
+LOGPROBS_METHOD = "lctw_logprobs"  # the FSDP forward method of a sharded model (lctw.training.distributed)
 
 MODES = ("chunked", "window")
 
@@ -51,13 +51,13 @@ def model_logprobs(model, input_ids: Tensor, chunk_size: int | None = 1024, firs
                    **kwargs) -> Tensor:
     """Log-probs of ``input_ids[:, 1:]`` under ``model`` given everything before them: (B, T-1) float32.
 
-    With ``chunk_size`` the LM head runs in chunks of rows (:func:`lctw.loss.token_logprobs`), so no
+    With ``chunk_size`` the LM head runs in chunks of rows (:func:`lctw.method.kernels.token_logprobs`), so no
     (T, V) logits tensor exists in forward or backward; ``None`` takes the model's full logits. Models
     that post-process logits (soft-capping, a logit scale) always take the full logits. ``first`` > 0
     skips the LM head for the first targets (NaN in the result). ``kernel`` picks the LM-head kernel
-    (:func:`lctw.loss.resolve_kernel`: chunked, or a fused CUDA kernel).
+    (:func:`lctw.method.kernels.resolve_kernel`: chunked, or a fused CUDA kernel).
     """
-    method = getattr(model, LOGPROBS_METHOD, None)  # an FSDP-sharded model (lctw.distributed)
+    method = getattr(model, LOGPROBS_METHOD, None)  # an FSDP-sharded model (lctw.training.distributed)
     if method is not None:
         return method(input_ids, chunk_size, first, kernel=kernel, **kwargs)
     return logprobs_in_forward(model, input_ids, chunk_size, first, kernel=kernel, **kwargs)
@@ -65,7 +65,7 @@ def model_logprobs(model, input_ids: Tensor, chunk_size: int | None = 1024, firs
 
 def logprobs_in_forward(model, input_ids: Tensor, chunk_size: int | None = 1024, first: int = 0,
                         kernel: str = "chunked", **kwargs) -> Tensor:
-    """:func:`model_logprobs`'s computation; :mod:`lctw.distributed` registers it as an FSDP forward
+    """:func:`model_logprobs`'s computation; :mod:`lctw.training.distributed` registers it as an FSDP forward
     method of a sharded model, so that the LM head's parameters are gathered for it."""
     head = model.get_output_embeddings()
     post = any(getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
@@ -156,7 +156,7 @@ def short_context_logprobs(
     """log p(x_i | at most n preceding tokens) for ``input_ids[:, 1:]``: (B, T-1) float32, no grad.
 
     ``stride`` (chunked) defaults to the paper's rule for N = T. ``sink`` (window) is False, True or
-    "in_range"; ``attention`` (window) the kernel, see :mod:`lctw.attention`. ``bos_token_id``
+    "in_range"; ``attention`` (window) the kernel, see :mod:`lctw.method.attention`. ``bos_token_id``
     defaults to the model config's. ``skip_shared=True`` does not compute the first
     :func:`shared_targets` targets (their context equals the full one) and leaves them as NaN.
     """
@@ -242,32 +242,3 @@ def _window(model, ids: Tensor, n: int, sink: bool | str, attention: str, skip: 
             "use scorer.attention=sdpa or flex, or scorer.mode=chunked"
         )
     return model_logprobs(model, ids, first=skip, attention_mask=mask)
-
-
-def brute_force_logprobs(model, input_ids: Tensor, n: int, sink: bool | str = False,
-                         targets: list[int] | None = None) -> Tensor:
-    """The reference: one forward pass per target on its own context of at most n tokens.
-
-    ``sink=True`` prepends the first token at position 0 (true distance); ``"in_range"`` prepends it to
-    the last n - 2 tokens and numbers them 0 … n - 2 (an n-token training window, without its target).
-    ``targets`` (indices into the (B, T-1) result) computes only those; the rest is NaN.
-    """
-    b, t = input_ids.shape
-    dev = input_ids.device
-    out = torch.full((b, t - 1), float("nan"))
-    width = window_width(n, sink)
-    with torch.no_grad():
-        for i in (range(1, t) if targets is None else [j + 1 for j in targets]):
-            lo = max(0, i - width)
-            ctx, pos = input_ids[:, lo:i], torch.arange(lo, i, device=dev)
-            if sink and lo > 0:
-                ctx = torch.cat([input_ids[:, :1], ctx], dim=1)
-                first = torch.zeros(1, dtype=torch.long, device=dev)
-                pos = torch.arange(len(pos) + 1, device=dev) if sink == "in_range" else torch.cat([first, pos])
-            # An explicit causal mask: transformers reads a jump in position_ids as a packed-sequence
-            # boundary and would otherwise hide the sink from the window.
-            causal = torch.ones(len(pos), len(pos), dtype=torch.bool, device=dev).tril()[None, None]
-            logits = model(input_ids=ctx, position_ids=pos[None].expand(b, -1), attention_mask=causal,
-                           use_cache=False).logits
-            out[:, i - 1] = logprobs_of(logits[:, -1:], input_ids[:, i : i + 1])[:, 0].cpu()
-    return out

@@ -1,9 +1,9 @@
 """Which tokens get weight: one sequence's scores s_i and weights w_i, as an HTML page and a PNG.
 
 Why: the method stands or falls with which tokens get high scores. :func:`token_view` runs the
-configured parts themselves on one sequence (θ's long log-probs with :func:`lctw.scoring.model_logprobs`,
+configured parts themselves on one sequence (θ's long log-probs with :func:`lctw.method.scoring.model_logprobs`,
 the scorer's short log-probs, the weighting's weights), so what is shown is what training computes.
-``python -m lctw.inspect`` writes the view of a text file; :class:`lctw.callbacks.TokenWeights` logs
+``python -m lctw.tools.view`` writes the view of a text file; :class:`lctw.training.callbacks.TokenWeights` logs
 it to W&B at each validation.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lctw.scoring import model_logprobs
+from lctw.method.scoring import model_logprobs
 
 
 @dataclass

@@ -3,11 +3,11 @@
     python train.py                        # the default experiment (builds the tiny base on first use)
     python train.py experiment=base        # the base stage is a run like any other
 
-``train.py`` is the Hydra entry point and calls :func:`run`; so does the base stage
-(:mod:`lctw.base`). Everything that can be checked without weights is checked first
+``train.py`` runs it through :func:`lctw.training.stages.train`, which builds θ0 first when it is
+not cached (the base stage, itself a :func:`run`). Everything that can be checked without weights is checked first
 (:func:`lctw.config.validate`), so a bad option stops the run before any model loads or anything is
-written. The order below matters: the data and a score cache are checked before θ loads; θ (and a
-tiny base built on first use, itself a nested run) before the run's own logger starts.
+written. The order below matters: the data and a score cache are checked before θ loads; θ before the
+run's own logger starts.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from lctw import loggers
-from lctw.base import base_metrics
-from lctw.checkpoints import VerifiedCheckpointIO, check_resume
-from lctw.config import ConfigError, build, validate
-from lctw.distributed import gather_theta, is_sharded_module, receives_weights
-from lctw.jobs import read_metrics, write_metrics
-from lctw.module import TokenWeightingLM
-from lctw.theta import build_theta, save_theta
+from lctw.config import ConfigError, Parts, build, validate
+from lctw.models.theta import build_theta, save_theta
+from lctw.runs import loggers
+from lctw.runs.checkpoints import VerifiedCheckpointIO, check_resume
+from lctw.runs.jobs import read_metrics, write_metrics
+from lctw.training.distributed import gather_theta, is_sharded_module, receives_weights
+from lctw.training.module import TokenWeightingLM
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +49,10 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> str | None:
     return option
 
 
-def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, float]:
-    """Train one configuration; returns the final metrics. W&B is finished whatever happens."""
-    parts = validate(cfg)
+def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, parts: Parts | None = None) -> dict[str, float]:
+    """Train one configuration; returns the final metrics. W&B is finished whatever happens. ``parts``:
+    :func:`lctw.config.validate`'s result when the caller validated already (the stages, after θ0)."""
+    parts = parts or validate(cfg)
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
@@ -98,7 +98,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict[str, 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics.update(before)
-        metrics.update(base_metrics(parts.model_spec))  # what θ0 could do: part of the result
+        metrics.update(parts.base)  # what θ0 could do: part of the result
         theta = module.model
         if is_sharded_module(theta):  # trainer=fsdp: every rank gathers, rank 0 exports the full θ
             full = gather_theta(theta)

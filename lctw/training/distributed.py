@@ -15,10 +15,10 @@ refuses the CPU). :class:`FSDP2Strategy` is that strategy with three things adde
 * sharded checkpoints that can be trusted and resumed when θ' is left out of them: each rank hashes
   its share of the checkpoint directory's files (``<file>.sha256`` beside each) and, on resume, verifies
   its share before loading; the model state is loaded for the keys the checkpoint holds (θ' is rebuilt
-  from its spec, :meth:`lctw.module.TokenWeightingLM.on_save_checkpoint`);
+  from its spec, :meth:`lctw.training.module.TokenWeightingLM.on_save_checkpoint`);
 * :func:`gather_theta`: θ's full state on rank 0 at the end of a run, for ``<run>/hf``.
 
-The LM head runs outside the model's ``forward`` (:func:`lctw.scoring.model_logprobs` takes the hidden
+The LM head runs outside the model's ``forward`` (:func:`lctw.method.scoring.model_logprobs` takes the hidden
 states and the head's weight, so no (T, V) logits exist), so the log-probs are registered as an FSDP
 forward method: FSDP then all-gathers the root's parameters (the head) for it and reduce-scatters their
 gradients after backward, exactly as for ``forward``.
@@ -63,7 +63,7 @@ def shard_model(model: torch.nn.Module, mesh, policy, reshard_after_forward: boo
     for ``trainer.validate`` and then ``trainer.fit``)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-    from lctw.scoring import LOGPROBS_METHOD, logprobs_in_forward
+    from lctw.method.scoring import LOGPROBS_METHOD, logprobs_in_forward
 
     if isinstance(model, FSDPModule):
         return model
@@ -128,7 +128,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     # -- checkpoints: a directory per checkpoint (torch.distributed.checkpoint), hashed per file --------
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
-        from lctw.checkpoints import hash_share
+        from lctw.runs.checkpoints import hash_share
 
         super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
@@ -137,7 +137,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.barrier("lctw.hash_checkpoint")
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
-        from lctw.checkpoints import is_sharded, verify_share
+        from lctw.runs.checkpoints import is_sharded, verify_share
 
         path = Path(self.broadcast(str(checkpoint_path)))
         if not is_sharded(path):
@@ -174,31 +174,9 @@ def _load_sharded(path: Path, model, optimizers, weights_only: bool | None) -> d
         dcp.load(optim_state, checkpoint_id=path)
         set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state[key],
                                  options=StateDictOptions(cpu_offload=True))
-    from lctw.checkpoints import SHARDED_META
+    from lctw.runs.checkpoints import SHARDED_META
 
     return torch.load(path / SHARDED_META, map_location="cpu", weights_only=weights_only is not False)
-
-
-def read_sharded_theta(model: torch.nn.Module, path: Path) -> None:
-    """θ's weights from a sharded checkpoint into an unsharded ``model``, in this one process (no
-    process group): only θ's tensors are read, not the optimizer's or θ''s. Every file is verified first."""
-    import torch.distributed.checkpoint as dcp
-
-    from lctw.checkpoints import verify_share
-    from lctw.theta import THETA
-
-    error = verify_share(path, 0, 1)
-    if error:
-        raise ValueError(error)
-    saved = {k.removeprefix("state_dict.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
-    own = model.state_dict()
-    state = {f"{THETA}.{k}": v for k, v in own.items() if f"{THETA}.{k}" in saved}
-    loaded = {v.data_ptr() for v in state.values()}
-    missing = [k for k, v in own.items() if f"{THETA}.{k}" not in saved and v.data_ptr() not in loaded]
-    if missing:  # a tied weight (the LM head is the embedding) is saved once, under one of its names
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors of θ (e.g. {missing[0]}): it was written "
-                         "for another model")
-    dcp.load({"state_dict": state}, checkpoint_id=path, no_dist=True)
 
 
 def receives_weights(trainer_cfg) -> bool:
@@ -218,7 +196,7 @@ def _broadcast_from_rank0(model: torch.nn.Module, full: dict | None, device: tor
     buffers, not in a state dict) are computed again from its config."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from lctw.context import _rebuild_rotary
+    from lctw.method.context import _rebuild_rotary
 
     was_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     if was_meta:

@@ -16,9 +16,9 @@ starting with BOS again (so every sequence starts with BOS, as the chunked score
 remainder is dropped by default; with ``drop_remainder=false`` it is padded and its padding masked.
 Tokenization and chunking run through ``datasets.map`` and are cached on disk.
 
-``facts`` (a dict of :class:`lctw.facts.Facts` options, or null) plants key–value statements into every
+``facts`` (a dict of :class:`lctw.data.facts.Facts` options, or null) plants key–value statements into every
 chunk and restates them later, at ``facts.rate`` per 1,000 tokens and ``facts.min_distance`` to
-``facts.max_distance`` tokens apart (see :mod:`lctw.facts` for exactly how): the train split with the
+``facts.max_distance`` tokens apart (see :mod:`lctw.data.facts` for exactly how): the train split with the
 training keys and values, the validation split with the held-out ones. ``conf/data/essays_facts.yaml``
 plants them beyond n in the long-context data; the study's base stage plants them within n.
 """
@@ -40,7 +40,7 @@ import pyarrow
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lctw.facts import Facts
+from lctw.data.facts import Facts
 
 SOURCES = ("essays", "files", "hf")
 _MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"

@@ -7,11 +7,11 @@ then compares them with the long ones. Every scorer declares two facts the rest 
 
 * ``produces_scores``: False only for ``none`` (uniform weighting needs no θ').
 * ``fixed``: θ' does not change during training, so its log-probs are a function of the data and can
-  be computed once (``score.py``) and read back (:class:`CachedScorer`). True for ``frozen`` and
+  be computed once (``score.py``) and read back (:class:`lctw.cache.scorer.CachedScorer`). True for ``frozen`` and
   ``small``; False for ``self``, whose θ' is θ as it trains.
 
 Live or cached is chosen in one visible place: ``scorer.cache`` in the config, which makes
-:func:`lctw.experiment.run` wrap the fixed scorer in a :class:`CachedScorer`.
+:func:`lctw.training.experiment.run` wrap the fixed scorer in a :class:`lctw.cache.scorer.CachedScorer`.
 
 Scorers are ``torch.nn.Module``s, so a fixed scorer's model (θ0 or the small model) is a registered
 submodule of the LightningModule: the strategy moves (and shards) it with θ. It is never trainable,
@@ -24,13 +24,13 @@ model in ``setup`` if it needs one) and add ``conf/scorer/<name>.yaml``; see the
 
 from __future__ import annotations
 
-import copy
+import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lctw.scoring import ShortContext
+from lctw.method.scoring import ShortContext
 
 
 class Scorer(torch.nn.Module):
@@ -47,7 +47,7 @@ class Scorer(torch.nn.Module):
     def setup(self, theta_spec, meta: bool = False) -> None:
         """Load θ' if the scorer has its own model; called once with the trained model's spec. ``meta``:
         the architecture only, on the meta device (a rank that receives the weights when sharding,
-        :mod:`lctw.distributed`)."""
+        :mod:`lctw.training.distributed`)."""
 
     def forward(self, theta, batch: dict, long_logprobs: Tensor) -> Tensor | None:
         raise NotImplementedError
@@ -134,14 +134,12 @@ class FrozenScorer(FixedScorer):
 
     ``cache`` (``scorer.cache``): false computes the scores on the fly; true or a directory reads them
     from the cache ``score.py`` wrote instead (:class:`CachedScorer`, θ0 is then not loaded); anything
-    else is refused (:func:`lctw.cache.cache_option`).
+    else is refused (:func:`cache_option`).
     """
 
     name = "frozen"
 
     def __init__(self, *args, cache: bool | str | None = False, **kwargs):
-        from lctw.cache import cache_option
-
         super().__init__(*args, **kwargs)
         self.cache = cache_option(cache)
 
@@ -159,8 +157,6 @@ class SmallScorer(FixedScorer):
     name = "small"
 
     def __init__(self, model, *args, cache: bool | str | None = False, **kwargs):
-        from lctw.cache import cache_option
-
         super().__init__(*args, **kwargs)
         self.spec, self.cache = model, cache_option(cache)
 
@@ -168,41 +164,30 @@ class SmallScorer(FixedScorer):
         return self.spec
 
 
-class CachedScorer(Scorer):
-    """A fixed scorer's log-probs read from the batch (the score cache): no model, no forward pass.
+# Words YAML 1.1, shells and other tools read as booleans: as a directory name they are almost surely a typo.
+_BOOLEAN_WORDS = {"true", "false", "yes", "no", "y", "n", "on", "off", "1", "0", "none", "null", ""}
 
-    The data module carries the cached ``short_logprobs`` and ``checksum`` columns
-    (:func:`lctw.cache.attach`); every batch's tokens are checked against the checksum the row was
-    scored with, so a cache can never be applied to other data silently.
+
+def cache_option(cache) -> bool | Path:
+    """The ``cache`` option of a fixed scorer: False (compute live), True (the default cache) or a directory.
+
+    Accepts false/null, true, or a string that looks like a directory path (it contains a ``/`` or
+    starts with ``~`` or ``.``, or is an existing directory) and could be one (no file in the way).
+    Refuses anything else with a ValueError about ``cache``, e.g. ``yes``, ``on`` or ``1``, which would
+    otherwise name a directory "yes" and find no cache there, or (``0``) silently score live.
     """
-
-    name = "cached"
-    fixed = True
-
-    def __init__(self, source: FixedScorer, path: str | Path):
-        super().__init__(source.n, source.max_len)
-        self.source_name, self.short, self.path = source.name, source.short, Path(path)
-
-    def forward(self, theta, batch, long_logprobs):
-        from lctw.cache.store import CHECKSUM, SHORT, row_checksum
-
-        if SHORT not in batch or CHECKSUM not in batch:
-            raise ValueError(f"the batch has no {SHORT!r} column: the train data must come from a data module "
-                             "that lctw.cache.attach prepared")
-        ids = batch["input_ids"]
-        bad = row_checksum(ids) != batch[CHECKSUM].to(ids.device)
-        if bad.any():
-            raise ValueError(
-                f"score cache {self.path}: {int(bad.sum())} of {len(bad)} rows of this batch have other tokens than "
-                "the rows that were scored; the cache does not belong to this data: score again with score.py"
-            )
-        short = batch[SHORT]
-        if short.shape != long_logprobs.shape:
-            raise ValueError(f"score cache {self.path}: cached log-probs {tuple(short.shape)} do not match the "
-                             f"batch's {tuple(long_logprobs.shape)}")
-        return short.to(long_logprobs.device, torch.float32)
-
-
-def frozen_copy(model: torch.nn.Module, n: int, max_len: int, **options) -> FrozenScorer:
-    """A frozen scorer over a copy of an in-memory model (notebooks, tests, benchmarks)."""
-    return FrozenScorer(n, max_len, **options).use(copy.deepcopy(model))
+    allowed = "allowed false, true or a directory path such as ./scores or /data/scores"
+    if cache is None or isinstance(cache, bool):
+        return bool(cache)
+    if not isinstance(cache, str):
+        raise ValueError(f"cache={cache!r} is not allowed: {allowed}")
+    if cache.strip().lower() in _BOOLEAN_WORDS:
+        raise ValueError(f"cache={cache!r} is not allowed: {allowed} (write true or false unquoted; "
+                         f"./{cache.strip() or '<name>'} for a directory of that name)")
+    path = Path(cache).expanduser()
+    if not (os.sep in cache or "/" in cache or cache.startswith(("~", ".")) or path.is_dir()):
+        raise ValueError(f"cache={cache!r} is not allowed: {allowed} (./{cache} for a directory of that name)")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"cache={cache!r} cannot be a directory: {existing} is a file; {allowed}")
+    return path

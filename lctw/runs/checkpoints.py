@@ -7,7 +7,7 @@ clear refusal, naming the file, of a checkpoint that is truncated, edited or fro
 * :func:`check_resume` runs before any model loads: the file exists, matches its hash, is a readable
   checkpoint, and was written for the same θ (model, context extension, n, N); other differences
   (learning rate, weighting, ...) are allowed and logged.
-* A sharded checkpoint (``trainer=fsdp``, :mod:`lctw.distributed`) is a directory: the shards of
+* A sharded checkpoint (``trainer=fsdp``, :mod:`lctw.training.distributed`) is a directory: the shards of
   ``torch.distributed.checkpoint`` and ``meta.pt`` (everything but the model and optimizer states).
   Every file gets its ``<file>.sha256``, written by the rank that hashed it (the files are shared out
   over the ranks, :func:`hash_share`); before any model loads, :func:`check_resume` verifies ``meta.pt``

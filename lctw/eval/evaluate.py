@@ -4,7 +4,7 @@
     python eval.py ckpt=<run>/checkpoints/last.ckpt eval=ppl
     python eval.py ckpt=meta-llama/Meta-Llama-3-8B eval=ruler dtype=bfloat16
 
-θ is rebuilt by :func:`lctw.theta.load_theta` from what the run wrote. With a run of lctw, n, N and
+θ is rebuilt by :func:`lctw.models.theta.load_theta` from what the run wrote. With a run of lctw, n, N and
 the held-out documents are that run's own; with a model from elsewhere, the ``n``, ``N`` and ``data``
 of ``conf/evaluate.yaml``.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lctw import loggers
 from lctw.config import build, validate_evaluation
-from lctw.jobs import write_metrics
-from lctw.theta import load_theta, resolve_device
+from lctw.models.theta import load_theta, resolve_device
+from lctw.runs import loggers
+from lctw.runs.jobs import write_metrics
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Each method of ``conf/context`` writes ``config.rope_parameters`` (transformers 
 ``config.max_position_embeddings = N`` and rebuilds the model's rotary-embedding modules so that the
 inverse frequencies are transformers' own for those settings (``dynamic`` is the one exception to the
 maximum positions: it keeps n there, see ``apply``). It is applied to θ only; a frozen θ0 is
-copied before (``lctw.module``) and keeps its original RoPE.
+copied before (``lctw.training.module``) and keeps its original RoPE.
 
     method   parameters (conf/context/<method>.yaml)
     none     -

@@ -4,13 +4,13 @@
 
 * **Every training step** it keeps a sample of the valid targets' scores, weights and positions
   (``per_step`` of them, drawn with its own generator, so training's random streams are untouched)
-  and the step's weight diagnostics (ESS and mass beyond n, :func:`lctw.module.weight_stats`, as the
+  and the step's weight diagnostics (ESS and mass beyond n, :func:`lctw.training.module.weight_stats`, as the
   training step returns them). At the
-  end of training they go to ``<run dir>/token_weights.npz``, which ``python -m lctw.report`` reads
+  end of training they go to ``<run dir>/token_weights.npz``, which ``python -m lctw.runs.report`` reads
   for its histograms and its training-averaged weight diagnostics (and, with W&B, into the run's files).
   Memory stays bounded: past ``max_samples`` every other sampled step is dropped and sampling halves
   its rate, so the sample stays spread evenly over the whole run.
-* **At each validation**, when the logger is W&B: the token view (:mod:`lctw.tokenview`) of one fixed
+* **At each validation**, when the logger is W&B: the token view (:mod:`lctw.tools.tokenview`) of one fixed
   validation sequence (the first of the first validation batch) as HTML media, histograms of its
   scores and weights, and histograms of the training samples since the last validation. Other loggers
   (CSV, none) get nothing of this; a scorer without scores (``none``) has no view.
@@ -121,7 +121,7 @@ class TokenWeights(Callback):
             return
         import wandb
 
-        from lctw.tokenview import to_html, token_view
+        from lctw.tools.tokenview import to_html, token_view
 
         title = f"weighting={pl_module.weighting.name} scorer={pl_module.scorer.name} step {trainer.global_step}"
         try:  # every rank runs the forward (a sharded θ needs them all); rank 0 logs

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lctw.report.runs import Run
-from lctw.report.tables import matches_any
+from lctw.runs.report.runs import Run
+from lctw.runs.report.tables import matches_any
 
 log = logging.getLogger(__name__)
 LENGTH_PLOTS = ["eval/recall/*", "eval/ruler/average/*"]  # metrics <prefix>/<length> plotted against length

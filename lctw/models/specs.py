@@ -6,21 +6,21 @@ weights load.
 * ``HFModel``: any causal LM by hub name or local path through ``AutoModelForCausalLM`` (dtype,
   attention implementation, gradient checkpointing, revision, ``gguf_file``; remote code off by default).
 * ``TinyLlama``: a small Llama built from config with a byte-level BPE tokenizer trained locally on the
-  default corpus (seconds), whose base θ0 is really pretrained at the short context n by the base stage
-  (:mod:`lctw.base`, an ordinary run of ``experiment=base``) on first use and cached under
-  ``<cache>/tiny/<key>``: later runs reuse it, and ``scorer=frozen`` has a genuine θ0. The key hashes
-  the base stage's composed config, so a change to the recipe or the architecture rebuilds it.
+  ``corpus`` it is given (seconds), whose base θ0 is really pretrained at the short context n by the base
+  stage. The spec only says where θ0 lives (``<cache>/tiny/<key>/hf``); the entry points run the stage
+  (:func:`lctw.training.stages.prepare`), which computes the key from the stage's composed config,
+  builds θ0 if it is not cached, and binds the key to the spec (:meth:`TinyLlama.bind`).
 
-A spec gives ``tokenizer()``, ``prepare()`` (weights available locally, not loaded) and ``load()``.
+A spec gives ``tokenizer()`` and ``load()``; it imports no training, data or Hydra code.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -87,9 +87,6 @@ class HFModel:
             tok.pad_token = tok.eos_token
         return tok
 
-    def prepare(self) -> None:
-        """Make the weights available locally without loading them (nothing to do for a hub model)."""
-
     def load(self, weights: bool = True):
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -121,10 +118,12 @@ class HFModel:
 
 
 class TinyLlama(HFModel):
-    """A few-million-parameter Llama for CPU development whose θ0 is pretrained at context n on first use.
+    """A few-million-parameter Llama for CPU development whose θ0 is pretrained at context n by the base stage.
 
     ``pretrained=false`` gives the architecture freshly initialised (what the base stage trains).
-    ``base`` holds deltas to the base stage's recipe (``conf/experiment/base.yaml``, :mod:`lctw.base`).
+    ``base`` holds deltas to the base stage's recipe (``conf/experiment/base.yaml``, :mod:`lctw.training.base`).
+    ``corpus`` returns the texts the tokenizer is trained on the first time it is needed (Hydra passes
+    :func:`lctw.data.essays`); the trained tokenizer is cached under ``<cache_dir>/tiny``.
     """
 
     built_locally = True
@@ -145,6 +144,7 @@ class TinyLlama(HFModel):
         pretrained: bool = True,
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
+        corpus: Callable[[], list[str]] | None = None,
     ):
         super().__init__("", attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing)
         self.arch = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
@@ -152,19 +152,23 @@ class TinyLlama(HFModel):
                          intermediate_size=intermediate_size, rope_theta=rope_theta)
         self.n, self.seed, self.pretrained = int(n), int(seed), bool(pretrained)
         self.base = dict(base or {})
-        self.cache_dir = cache_dir
+        self.cache_dir, self.corpus = cache_dir, corpus
         self.root = Path(cache_dir).expanduser() / "tiny"
+        self.key: str | None = None  # the base stage's config hash, bound by lctw.training.stages.prepare
 
-    @functools.cached_property
-    def key(self) -> str:
-        """The base stage's config hash (:func:`lctw.base.config_key`): recipe and architecture."""
-        from lctw.base import base_config, config_key
-
-        return config_key(base_config(self))
+    def bind(self, key: str) -> TinyLlama:
+        """θ0 is the base stage's run ``<cache_dir>/tiny/<key>``."""
+        self.key = key
+        return self
 
     @property
     def name_or_path(self) -> str:
-        return str(self.root / self.key / "hf") if self.pretrained else f"tiny-init-{self.arch}"
+        if not self.pretrained:
+            return f"tiny-init-{self.arch}"
+        if self.key is None:
+            raise RuntimeError("model=tiny: θ0 is built by the base stage, which the entry point runs first "
+                               "(lctw.training.stages.prepare(spec) builds or finds it and binds it to the spec)")
+        return str(self.root / self.key / "hf")
 
     @property
     def path(self) -> Path:
@@ -174,26 +178,17 @@ class TinyLlama(HFModel):
         from transformers import PreTrainedTokenizerFast
 
         tok_dir = self.root / f"tokenizer-{self.arch['vocab_size']}"
-        with _build_lock(tok_dir):
+        with build_lock(tok_dir):
             if not (tok_dir / "tokenizer.json").exists():
-                train_tokenizer(self.arch["vocab_size"], tok_dir)
+                if self.corpus is None:
+                    raise RuntimeError(f"model=tiny: no tokenizer in {tok_dir} and no corpus to train one on "
+                                       "(model.corpus, e.g. lctw.data.essays)")
+                train_tokenizer(self.corpus(), self.arch["vocab_size"], tok_dir)
         return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
-
-    def prepare(self) -> None:
-        """Build θ0 by the base stage if it is not cached yet; one process builds, the others wait."""
-        if not self.pretrained:
-            return
-        from lctw.base import build_base
-
-        run_dir = self.path.parent
-        with _build_lock(run_dir):  # DDP ranks / parallel sweep jobs on a fresh cache
-            if not (self.path / "config.json").exists():
-                build_base(self, run_dir)
 
     def load(self, weights: bool = True):
         if not self.pretrained or not weights:
             return self._finish(self.initial())
-        self.prepare()
         return super().load()
 
     def initial(self):
@@ -210,13 +205,15 @@ class TinyLlama(HFModel):
         return LlamaForCausalLM(config)
 
     def describe(self) -> str:
-        return f"tiny:{self.key}" if self.pretrained else "tiny:initial"
+        if not self.pretrained:
+            return "tiny:initial"
+        return f"tiny:{self.key}" if self.key else "tiny:θ0 (not built yet)"
 
     def pretrained_length(self) -> int:
         return self.n  # the base stage pretrains θ0 at n
 
 
-def _build_lock(path: Path):
+def build_lock(path: Path):
     """An inter-process lock beside ``path`` (``filelock``, which transformers and datasets depend on)."""
     from filelock import FileLock
 
@@ -244,11 +241,9 @@ def bpe_tokenizer(texts, vocab_size: int, add_bos: bool = False):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def train_tokenizer(vocab_size: int, out_dir: Path) -> None:
-    """The tiny model's tokenizer: a byte-level BPE trained on the default corpus, saved to ``out_dir``."""
-    from lctw.data import essays
-
-    fast = bpe_tokenizer(essays(), vocab_size)
+def train_tokenizer(texts, vocab_size: int, out_dir: Path) -> None:
+    """The tiny model's tokenizer: a byte-level BPE trained on ``texts``, saved to ``out_dir``."""
+    fast = bpe_tokenizer(texts, vocab_size)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     fast.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)

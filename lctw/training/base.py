@@ -4,10 +4,10 @@
     python train.py -m experiment=base optimizer.lr=1e-3,3e-3      # sweep its recipe
 
 The recipe is ``conf/experiment/base.yaml`` (``scorer=none``, ``weighting=uniform``, ``context=none``,
-N = n, its own optimizer, schedule and steps), run by the same :func:`lctw.experiment.run` as every
-other stage. ``model=tiny`` needs a genuine θ0: on first use :meth:`lctw.models.TinyLlama.prepare`
-calls :func:`build_base`, which runs this stage under a file lock (parallel jobs and ranks on a fresh
-cache build once) into ``<paths.cache>/tiny/<key>/``: ``hf/`` is θ0, ``metrics.json`` and
+N = n, its own optimizer, schedule and steps), run by the same :func:`lctw.training.experiment.run` as every
+other stage. ``model=tiny`` needs a genuine θ0: the entry points run :func:`prepare` (through
+:mod:`lctw.training.stages`) before any model is built; it runs this stage under a file lock (parallel
+jobs and ranks on a fresh cache build once) into ``<paths.cache>/tiny/<key>/``: ``hf/`` is θ0, ``metrics.json`` and
 ``config.yaml`` record how it was made. The key hashes the composed base config (recipe and
 architecture), so a change to either builds a new base; ``model.base`` holds deltas to the recipe
 (``+model.base.optimizer.lr=1e-3``), merged into the composed config.
@@ -29,11 +29,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lctw.jobs import read_metrics
+from lctw.models.specs import build_lock
+from lctw.runs.jobs import read_metrics
 
 log = logging.getLogger(__name__)
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 # Keys that do not change θ0's numbers: where files go, how progress is shown and logged, fault policy.
 _NOT_IN_KEY = ("paths", "logger", "callbacks", "name", "validate_first", "ckpt_path", "eval", "nonfinite",
                "checkpoint_every")
@@ -88,13 +89,26 @@ def config_key(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def prepare(spec) -> dict[str, float]:
+    """θ0 for a tiny spec: find it in the cache or build it by this stage, bind it to the spec, and return
+    θ0's own measurements (:func:`base_metrics`). Nothing to do for a spec that is not built here."""
+    if not getattr(spec, "built_locally", False) or not spec.pretrained:
+        return {}
+    spec.bind(config_key(base_config(spec)))
+    run_dir = spec.path.parent
+    with build_lock(run_dir):  # DDP ranks / parallel sweep jobs on a fresh cache
+        if not (spec.path / "config.json").exists():
+            build_base(spec, run_dir)
+    return base_metrics(spec)
+
+
 def build_base(spec, path: Path) -> None:
     """Run the base stage for ``spec`` and move its run directory to ``path`` (``path/hf`` is θ0).
 
     The caller holds the lock. The run happens in ``<path>.tmp`` and is renamed when complete, so a
     crashed build leaves no half-written base behind.
     """
-    from lctw.experiment import run
+    from lctw.training.experiment import run
 
     cfg = base_config(spec)
     log.info("building the tiny base model at n=%d (%d steps; cached in %s)", spec.n, cfg.trainer.max_steps, path)

@@ -1,7 +1,7 @@
 """Collecting a sweep's runs: the job directories of a local sweep, or the runs of a W&B group.
 
-A run is its flat config (dotted keys and the names of the chosen options, as :func:`lctw.loggers.flat_config`
-logs it to W&B), its final metrics, and the score/weight samples :class:`lctw.callbacks.TokenWeights`
+A run is its flat config (dotted keys and the names of the chosen options, as :func:`lctw.runs.loggers.flat_config`
+logs it to W&B), its final metrics, and the score/weight samples :class:`lctw.training.callbacks.TokenWeights`
 wrote (``token_weights.npz``). Runs that did not complete are left out and named.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lctw.callbacks import SAMPLES
-from lctw.jobs import read_metrics, read_status
-from lctw.loggers import flat_config
+from lctw.runs.jobs import read_metrics, read_status
+from lctw.runs.loggers import flat_config
+from lctw.training.callbacks import SAMPLES
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Sliding-window (+ sink) attention for one-pass ``window`` scoring (:mod:`lctw.scoring`).
+"""Sliding-window (+ sink) attention for one-pass ``window`` scoring (:mod:`lctw.method.scoring`).
 
 In every layer the query at position q sees the ``width`` keys q - width < k <= q and, with a sink,
 the first token of the row once it has left that window (q >= width). Where the sink is seen:
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.models.llama.modeling_llama import rotate_half  # the split-half rotation in_range assumes
 
-from lctw.context import head_dim
+from lctw.method.context import head_dim
 
 KERNELS = ("auto", "flex", "sdpa", "dense")
 SINKS = (False, True, "in_range")
@@ -247,7 +247,7 @@ def window_attention(module, query, key, value, attention_mask, dropout: float =
                      lctw_window: Window | None = None, **kwargs):
     """transformers' attention-function signature; returns ((B, T, H, D), None)."""
     if lctw_window is None:
-        raise RuntimeError(f"attention {NAME!r} runs only inside lctw.attention.windowed()")
+        raise RuntimeError(f"attention {NAME!r} runs only inside lctw.method.attention.windowed()")
     for option in ("softcap", "s_aux"):  # options of the model's attention the window kernels do not implement
         if kwargs.get(option) is not None:
             raise ValueError(f"scorer.mode=window cannot run this model's attention ({option}): "

@@ -1,13 +1,13 @@
 """The report of a sweep: one row per configuration, mean ± std over seeds, a paired comparison against
 uniform, and plots.
 
-    python -m lctw.report outputs/multirun/<date>_<time>-<token>          # a local sweep directory
-    python -m lctw.report <entity>/<project>/<group>                      # a sweep's W&B group (online)
-    python -m lctw.report <sweep> --out docs/study --tradeoff val/ce_within_n eval/recall/beyond_n/acc
+    python -m lctw.runs.report outputs/multirun/<date>_<time>-<token>          # a local sweep directory
+    python -m lctw.runs.report <entity>/<project>/<group>                      # a sweep's W&B group (online)
+    python -m lctw.runs.report <sweep> --out docs/study --tradeoff val/ce_within_n eval/recall/beyond_n/acc
 
 A run is a job directory of the sweep (``.hydra/config.yaml``, Hydra's ``.hydra/hydra.yaml`` for the
 option names, ``status.json``, ``metrics.json``, ``token_weights.npz`` from
-:class:`lctw.callbacks.TokenWeights`) or a W&B run of the group (its flat config, summary and
+:class:`lctw.training.callbacks.TokenWeights`) or a W&B run of the group (its flat config, summary and
 ``token_weights.npz`` file); runs that did not complete are left out and listed. A **configuration** is
 everything but the seed: weighting (and its λ/κ/γ), scorer, context, n → N, plus any other config key
 that differs between the runs. Written to ``--out`` (default ``<sweep>/report``):
@@ -30,9 +30,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lctw.report.plots import LENGTH_PLOTS, histogram_plot, length_plots, position_plot, tradeoff_plot
-from lctw.report.runs import Run, local_runs, wandb_runs
-from lctw.report.tables import (
+from lctw.runs.report.plots import LENGTH_PLOTS, histogram_plot, length_plots, position_plot, tradeoff_plot
+from lctw.runs.report.runs import Run, local_runs, wandb_runs
+from lctw.runs.report.tables import (
     FAMILIES,
     PAIRED,
     config_columns,
@@ -86,7 +86,7 @@ def _families(specs: list[str] | None) -> dict[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m lctw.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lctw.runs.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a sweep directory (outputs/multirun/...) or a W&B group [entity/]project/group")
     parser.add_argument("--out", type=Path, help="output directory (default <sweep>/report or outputs/reports/<group>)")
     parser.add_argument("--family", action="append", help="NAME=GLOB[,GLOB] metric family (repeatable)")

@@ -1,0 +1,12 @@
+"""Training: the LightningModule, one ``run()`` for every training stage, and the stages an entry point chains.
+
+* :mod:`.module`       ``TokenWeightingLM``: scorer + weighting + θ → the weighted next-token loss.
+* :mod:`.experiment`   ``run(cfg)``: validate, build the parts, fit, save, evaluate.
+* :mod:`.base`         the base stage (θ0 at n) and :func:`~lctw.training.base.prepare`, which the entry
+  points call before any model is built.
+* :mod:`.callbacks`    progress, weight diagnostics, token views.
+* :mod:`.distributed`  FSDP2 (``fully_shard``) strategy, sharded checkpoints; :mod:`.consolidate` merges them.
+
+May import everything below it (method, models, data, cache, config, runs); nothing imports it except the
+entry points, :mod:`lctw.cache.fill` and :mod:`lctw.tools`.
+"""
