@@ -10,9 +10,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import open_dict
 
+from lctw import models
 from lctw.config import TRAIN_KEYS, check_keys, check_trainer
 from lctw.config import validate as build_parts
-from lctw.runs import loggers, models
+from lctw.runs import loggers
 from lctw.training.callbacks import TokenWeights
 
 # Files starting with "_" hold keys shared by a group's options through `defaults:`; they are not options.
