@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
     from lctw.cache.scorer import CachedScorer
     from lctw.cache.store import SHORT, row_checksum
     from lctw.data import collate
-    from lctw.method.attention import resolve_kernel
+    from lctw.method.attention import resolve_attention
     from lctw.method.scorers import NoScorer, SelfScorer, SmallScorer
     from lctw.method.weighting import Dense, Uniform
     from lctw.training.module import TokenWeightingLM
@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
         results[v] = entry
     report = {
         "setup": {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "T": t, "n": n,
-                  "attention": resolve_kernel(args.attention, device),
+                  "attention": resolve_attention(args.attention, device),
                   "batch": args.batch, "chunk_size": args.chunk_size, "warmup": args.warmup, "repeats": args.repeats,
                   "model": {"hidden": h, "layers": layers, "vocab": args.vocab, "params": params(theta)},
                   "small": {"hidden": sh, "layers": sl, "params": params(small),

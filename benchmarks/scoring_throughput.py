@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
 
     from lctw.cache.fill import fill_rows
     from lctw.cache.store import ScoreCache
-    from lctw.method.attention import resolve_kernel
+    from lctw.method.attention import resolve_attention
     from lctw.method.scorers import FrozenScorer
     from lctw.method.scoring import default_stride, window_mask
 
@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
         "setup": {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "T": t, "n": n,
                   "mode": args.mode, "stride": stride if args.mode == "chunked" else None,
                   "sink": sink if args.mode == "window" else None,
-                  "attention": resolve_kernel(args.attention, device) if args.mode == "window" else None,
+                  "attention": resolve_attention(args.attention, device) if args.mode == "window" else None,
                   "default_stride": default_stride(n, t), "rows": args.rows, "batch": args.batch,
                   "forward_tokens": tokens, "row_tokens": ids.numel(), "params": params(model),
                   "repeats": args.repeats, "torch": torch.__version__, "python": platform.python_version()},

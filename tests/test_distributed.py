@@ -45,12 +45,16 @@ def rows():
 
 
 class Recording(TokenWeightingLM):
-    """Records each micro-batch's Σ w·CE and valid targets (what it backpropagates)."""
+    """Records each micro-batch's Σ w·CE and valid targets (what it backpropagates), and what it logs."""
 
     def training_step(self, batch, batch_idx):
         out = super().training_step(batch, batch_idx)
         self.sums.append((float(out["loss"]), int(batch["mask"].sum())))
         return out
+
+    def log_dict(self, metrics, *args, **kwargs):
+        self.logged.update({k: float(v) for k, v in metrics.items()})
+        return super().log_dict(metrics, *args, **kwargs)
 
 
 def one_step(batch_size: int, accumulate: int = 1, devices: int = 1, strategy="auto", meta: bool = False):
@@ -60,21 +64,21 @@ def one_step(batch_size: int, accumulate: int = 1, devices: int = 1, strategy="a
         model = tiny_llama(layers=2, vocab=64, seed=0).train()
     module = Recording(model, SelfScorer(n=4, max_len=12), Dense(lam=0.5), n=4,
                        optimizer=functools.partial(torch.optim.SGD, lr=1.0), chunk_size=5)
-    module.sums = []
+    module.sums, module.logged = [], {}
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=1,
                         accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         precision="32-true")
     trainer.fit(module, DataLoader(rows(), batch_size=batch_size, shuffle=False))
     if isinstance(strategy, FSDP2Strategy):
-        return gather_theta(module.model), module.sums
-    return {k: v.clone() for k, v in model.state_dict().items()}, module.sums
+        return gather_theta(module.model), module.sums, module.logged
+    return {k: v.clone() for k, v in model.state_dict().items()}, module.sums, module.logged
 
 
 def test_accumulated_micro_batches_equal_the_larger_batch():
-    big, big_sums = one_step(batch_size=4)
-    acc, acc_sums = one_step(batch_size=2, accumulate=2)
-    single, single_sums = one_step(batch_size=1, accumulate=4)
+    big, big_sums, _ = one_step(batch_size=4)
+    acc, acc_sums, _ = one_step(batch_size=2, accumulate=2)
+    single, single_sums, _ = one_step(batch_size=1, accumulate=4)
     for theta in (acc, single):
         for k in big:
             torch.testing.assert_close(theta[k], big[k], rtol=1e-5, atol=1e-7)
@@ -84,6 +88,18 @@ def test_accumulated_micro_batches_equal_the_larger_batch():
     # the micro-batches' own means differ: averaging them would not be the batch's loss
     mean_of_means = sum(s / c for s, c in acc_sums) / len(acc_sums)
     assert abs(mean_of_means - loss) > 1e-3  # 1000x the tolerance above
+
+
+def test_the_logged_loss_is_the_steps_loss_over_all_micro_batches():
+    """train/loss and train/ce are Σ w·CE and Σ CE over every micro-batch of the step divided by its valid
+    targets: the loss the gradient is of, not the last micro-batch's mean."""
+    _, big_sums, big_logged = one_step(batch_size=4)
+    _, sums, logged = one_step(batch_size=1, accumulate=4)
+    step_loss = sum(s for s, _ in big_sums) / sum(c for _, c in big_sums)
+    assert logged["train/loss"] == pytest.approx(step_loss, rel=1e-6)
+    assert big_logged["train/loss"] == pytest.approx(step_loss, rel=1e-6)
+    assert logged["train/ce"] == pytest.approx(big_logged["train/ce"], rel=1e-6)
+    assert abs(logged["train/loss"] - sums[-1][0] / sums[-1][1]) > 1e-3  # the last micro-batch's own mean
 
 
 def _free_port() -> int:
@@ -98,8 +114,9 @@ def _rank(rank: int, port: int, out: str, strategy: str) -> None:
                       LOCAL_RANK=str(rank), RANK=str(rank))
     torch.set_num_threads(1)
     chosen = FSDP2Strategy(param_dtype="float32") if strategy.startswith("fsdp") else strategy
-    theta, sums = one_step(batch_size=2, devices=2, strategy=chosen, meta=strategy == "fsdp-meta" and rank == 1)
-    torch.save({"theta": theta, "sums": sums}, os.path.join(out, f"rank{rank}.pt"))
+    theta, sums, logged = one_step(batch_size=2, devices=2, strategy=chosen,
+                                   meta=strategy == "fsdp-meta" and rank == 1)
+    torch.save({"theta": theta, "sums": sums, "logged": logged}, os.path.join(out, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow  # about 50 s each on 2 loaded cores: each spawned rank imports torch, Lightning and transformers
@@ -110,13 +127,14 @@ def test_two_ranks_equal_one_process(tmp_path, strategy):
     torch.multiprocessing.start_processes(_rank, args=(_free_port(), str(tmp_path), strategy), nprocs=2,
                                           start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    big, big_sums = one_step(batch_size=4)
+    big, big_sums, big_logged = one_step(batch_size=4)
     for k in big:
         torch.testing.assert_close(ranks[0]["theta"][k], big[k], rtol=1e-5, atol=1e-7)
     sums = ranks[0]["sums"] + ranks[1]["sums"]
     assert {c for _, c in sums} != {sum(c for _, c in sums) / 2}  # the ranks have different target counts
     assert sum(s for s, _ in sums) / sum(c for _, c in sums) == pytest.approx(
         sum(s for s, _ in big_sums) / sum(c for _, c in big_sums), rel=1e-6)
+    assert ranks[0]["logged"]["train/loss"] == pytest.approx(big_logged["train/loss"], rel=1e-6)  # both ranks' sums
 
 
 def test_decoder_layers_come_from_the_model():

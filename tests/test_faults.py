@@ -179,3 +179,23 @@ def test_metrics_json_is_strict(tmp_path):
 
     write_metrics(tmp_path / "m.json", {"val/ce": float("nan"), "train/loss": 1.5})
     assert json.loads((tmp_path / "m.json").read_text()) == {"train/loss": 1.5, "val/ce": None}
+
+
+def test_fp16_overflow_steps_belong_to_the_gradient_scaler():
+    """precision=16-mixed: each micro-batch backpropagates a sum over its targets, so the scaled fp16
+    gradients overflow until the scaler has halved its scale enough. Those steps are the scaler's to skip,
+    not faults: the run trains on, and the scaler ends lower than it started. (A CPU GradScaler with a
+    huge initial scale forces the overflows that a GPU run sees in its first ~15 steps.)"""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from lctw.method.scorers import SelfScorer
+
+    module = module_with(SelfScorer(8, 24), max_skipped=2)
+    before = params(module)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    trainer = L.Trainer(max_steps=20, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(module, train_dataloaders=DataLoader(rows(count=40), batch_size=2, collate_fn=collate))
+    assert module.skipped_steps == 0 and scaler.get_scale() < 2.0**24  # it overflowed, and it was not a fault
+    assert changed(before, module)  # and then trained

@@ -11,11 +11,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lctw.config import ConfigError
 from lctw.method.scoring import model_logprobs
+from lctw.method.weighting import weight_stats
 from lctw.models import bpe_tokenizer
 from lctw.tools.tokenview import visible
 from lctw.tools.view import inspect_text
 from lctw.training.callbacks import TokenWeights
-from lctw.training.module import weight_stats
 
 pytestmark = pytest.mark.usefixtures("hydra_conf")  # Hydra initialized once for the module's compositions
 TEXT = ("The secret number of Dovak is 4 7 1 9. Many essays begin with a date and a question. "

@@ -8,8 +8,8 @@ from conftest import tiny_llama
 
 from lctw.data import collate
 from lctw.method.scoring import model_logprobs
-from lctw.method.weighting import Sparse
-from lctw.training.module import TokenWeightingLM, weight_stats
+from lctw.method.weighting import Sparse, weight_stats
+from lctw.training.module import TokenWeightingLM
 
 
 def stats(weights, mask, n):

@@ -112,8 +112,8 @@ def test_auto_falls_back_to_sdpa_when_flex_fails(monkeypatch, caplog):
     monkeypatch.setattr(attention, "flex_window", broken)
     monkeypatch.setattr(attention, "_FLEX_FAILED", [])
     monkeypatch.setattr(attention, "flex_available", lambda: True)
-    real_resolve = attention.resolve_kernel
-    monkeypatch.setattr(attention, "resolve_kernel", lambda k, device: real_resolve(k, "cuda"))  # as on a GPU
+    real_resolve = attention.resolve_attention
+    monkeypatch.setattr(attention, "resolve_attention", lambda k, device: real_resolve(k, "cuda"))  # as on a GPU
     model, ids = tiny_llama(layers=2), sequences(t=40)
     want = short_context_logprobs(model, ids, 8, "window", sink="in_range", attention="sdpa")
     with caplog.at_level("WARNING", logger="lctw.method.attention"):
@@ -156,11 +156,11 @@ def test_window_refuses_attention_options_it_does_not_implement():
 
 
 def test_window_kernel_choice_and_restored_attention():
-    from lctw.method.attention import resolve_kernel, windowed
+    from lctw.method.attention import resolve_attention, windowed
 
-    assert resolve_kernel("auto", "cpu") == "sdpa"
-    assert resolve_kernel("auto", "cuda") == "flex"  # where FlexAttention exists (torch >= 2.5)
-    assert resolve_kernel("dense", "cuda") == "dense"
+    assert resolve_attention("auto", "cpu") == "sdpa"
+    assert resolve_attention("auto", "cuda") == "flex"  # where FlexAttention exists (torch >= 2.5)
+    assert resolve_attention("dense", "cuda") == "dense"
     model = tiny_llama(layers=1)
     with pytest.raises(RuntimeError, match="boom"), windowed(model, 10, 4, False, "sdpa", "cpu"):
         assert model.config._attn_implementation == "lctw_window"

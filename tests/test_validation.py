@@ -113,8 +113,9 @@ CASES = [
     (evaluate("eval=ppl", "eval.batch_size=0"), r"^eval\.batch_size=0 is out of range: allowed >= 1"),
     (evaluate("eval=all", "eval.ruler.lengths=[100]"), r"^eval\.ruler\.lengths=\[100\] is out of range"),
     # keys that are not options: the nearest valid one
-    (train("+weighting.lamm=0.5"), r"^weighting\.lamm is not an option of weighting \(lctw\.method\.weighting\.Dense\): "
-                                   r"did you mean weighting\.lam\?"),
+    (train("+weighting.lamm=0.5"),
+     r"^weighting\.lamm is not an option of weighting \(lctw\.method\.weighting\.Dense\): "
+     r"did you mean weighting\.lam\?"),
     (train("+trainer.max_step=3"), r"^trainer\.max_step is not an option of trainer \(lightning\.Trainer\): did you "
                                    r"mean trainer\.max_steps\?"),
     (train("+scorer.strid=3"), r"^scorer\.strid is not an option of scorer .*did you mean scorer\.stride\?"),

@@ -42,7 +42,7 @@ from transformers.models.llama.modeling_llama import rotate_half  # the split-ha
 
 from lctw.method.context import head_dim
 
-KERNELS = ("auto", "flex", "sdpa", "dense")
+ATTENTION = ("auto", "flex", "sdpa", "dense")  # the windowed-attention implementations (scorer.attention)
 SINKS = (False, True, "in_range")
 NAME = "lctw_window"
 _FLEX_FAILED: list[str] = []  # errors of FlexAttention under ``auto``: the process falls back to sdpa
@@ -56,10 +56,10 @@ def check_sink(sink) -> bool | str:
     raise ValueError(f"sink={sink!r} is not allowed: choose one of {list(SINKS)}")
 
 
-def check_kernel(kernel: str) -> str:
-    if kernel not in KERNELS:
-        raise ValueError(f"attention={kernel!r} is not allowed: choose one of {list(KERNELS)}")
-    return kernel
+def check_attention(attention: str) -> str:
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r} is not allowed: choose one of {list(ATTENTION)}")
+    return attention
 
 
 def flex_available() -> bool:
@@ -70,11 +70,11 @@ def flex_available() -> bool:
     return True
 
 
-def resolve_kernel(kernel: str, device) -> str:
+def resolve_attention(attention: str, device) -> str:
     """``auto`` -> ``flex`` on CUDA with FlexAttention (unless it failed in this process), else ``sdpa``."""
-    check_kernel(kernel)
-    if kernel != "auto":
-        return kernel
+    check_attention(attention)
+    if attention != "auto":
+        return attention
     return "flex" if torch.device(device).type == "cuda" and flex_available() and not _FLEX_FAILED else "sdpa"
 
 
@@ -284,7 +284,7 @@ def windowed(model, t: int, width: int, sink, kernel: str, device):
     """Run ``model`` with sliding-window attention for one pass: yields the forward kwargs to pass."""
     sink = check_sink(sink)
     auto = kernel == "auto"
-    kernel = resolve_kernel(kernel, device)
+    kernel = resolve_attention(kernel, device)
     if kernel == "dense":
         raise ValueError("windowed() runs the flex and sdpa kernels; dense uses the model's own attention")
     rope = sink_rope(model, t, width, device) if sink == "in_range" else None

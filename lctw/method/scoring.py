@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lctw.method.attention import check_kernel, check_sink, windowed
+from lctw.method.attention import check_attention, check_sink, windowed
 from lctw.method.kernels import token_logprobs
 
 LOGPROBS_METHOD = "lctw_logprobs"  # the FSDP forward method of a sharded model (lctw.training.distributed)
@@ -47,23 +47,23 @@ def logprobs_of(logits: Tensor, targets: Tensor) -> Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def model_logprobs(model, input_ids: Tensor, chunk_size: int | None = 1024, first: int = 0, kernel: str = "chunked",
+def model_logprobs(model, input_ids: Tensor, chunk_size: int | None = 1024, skip: int = 0, kernel: str = "chunked",
                    **kwargs) -> Tensor:
     """Log-probs of ``input_ids[:, 1:]`` under ``model`` given everything before them: (B, T-1) float32.
 
     With ``chunk_size`` the LM head runs in chunks of rows (:func:`lctw.method.kernels.token_logprobs`), so no
     (T, V) logits tensor exists in forward or backward; ``None`` takes the model's full logits. Models
-    that post-process logits (soft-capping, a logit scale) always take the full logits. ``first`` > 0
-    skips the LM head for the first targets (NaN in the result). ``kernel`` picks the LM-head kernel
+    that post-process logits (soft-capping, a logit scale) always take the full logits. ``skip`` > 0
+    skips the LM head for that many leading targets (NaN in the result). ``kernel`` picks the LM-head kernel
     (:func:`lctw.method.kernels.resolve_kernel`: chunked, or a fused CUDA kernel).
     """
     method = getattr(model, LOGPROBS_METHOD, None)  # an FSDP-sharded model (lctw.training.distributed)
     if method is not None:
-        return method(input_ids, chunk_size, first, kernel=kernel, **kwargs)
-    return logprobs_in_forward(model, input_ids, chunk_size, first, kernel=kernel, **kwargs)
+        return method(input_ids, chunk_size, skip, kernel=kernel, **kwargs)
+    return logprobs_in_forward(model, input_ids, chunk_size, skip, kernel=kernel, **kwargs)
 
 
-def logprobs_in_forward(model, input_ids: Tensor, chunk_size: int | None = 1024, first: int = 0,
+def logprobs_in_forward(model, input_ids: Tensor, chunk_size: int | None = 1024, skip: int = 0,
                         kernel: str = "chunked", **kwargs) -> Tensor:
     """:func:`model_logprobs`'s computation; :mod:`lctw.training.distributed` registers it as an FSDP forward
     method of a sharded model, so that the LM head's parameters are gathered for it."""
@@ -74,12 +74,12 @@ def logprobs_in_forward(model, input_ids: Tensor, chunk_size: int | None = 1024,
         call = model.forward if hasattr(model, LOGPROBS_METHOD) else model
         logits = call(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1]
         out = logprobs_of(logits, input_ids[:, 1:])
-        out[:, :first] = float("nan")
+        out[:, :skip] = float("nan")
         return out
-    hidden = model.base_model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state[:, first:-1]
+    hidden = model.base_model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state[:, skip:-1]
     bias = getattr(head, "bias", None)
-    out = token_logprobs(hidden, head.weight, input_ids[:, first + 1 :], bias, chunk_size, kernel)
-    return F.pad(out, (first, 0), value=float("nan")) if first else out
+    out = token_logprobs(hidden, head.weight, input_ids[:, skip + 1 :], bias, chunk_size, kernel)
+    return F.pad(out, (skip, 0), value=float("nan")) if skip else out
 
 
 def default_stride(n: int, max_len: int) -> int:
@@ -90,7 +90,7 @@ def default_stride(n: int, max_len: int) -> int:
 def check_scoring_args(n: int, mode: str, stride: int | None, sink=False, attention: str = "auto") -> None:
     """Plain errors about the arguments of :func:`short_context_logprobs` (the config layer adds the key)."""
     check_sink(sink)
-    check_kernel(attention)
+    check_attention(attention)
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not allowed: choose one of {list(MODES)}")
     if n < 2:
@@ -164,15 +164,15 @@ def short_context_logprobs(
     t = input_ids.shape[1]
     if bos_token_id is None:
         bos_token_id = getattr(model.config, "bos_token_id", None)
+    skip = shared_targets(mode, n, sink) if skip_shared else 0
     with torch.no_grad():
         if mode == "window" and t - 1 <= shared_targets(mode, n, sink):
             out = model_logprobs(model, input_ids)  # every target already sees at most n tokens
         elif mode == "window":
-            out = _window(model, input_ids, n, sink, attention, shared_targets(mode, n, sink) if skip_shared else 0)
+            out = _window(model, input_ids, n, sink, attention, skip)
         else:
-            out = _chunked(model, input_ids, n, stride or default_stride(n, t), bos_token_id, skip_shared)
-    if skip_shared:
-        out[:, : shared_targets(mode, n, sink)] = float("nan")
+            out = _chunked(model, input_ids, n, stride or default_stride(n, t), bos_token_id, skip)
+    out[:, :skip] = float("nan")
     return out
 
 
@@ -190,7 +190,8 @@ def window_width(n: int, sink: bool | str = False) -> int:
     return n - 2 if sink == "in_range" else n
 
 
-def _chunked(model, ids: Tensor, n: int, stride: int, bos: int | None, skip_first: bool) -> Tensor:
+def _chunked(model, ids: Tensor, n: int, stride: int, bos: int | None, skip: int) -> Tensor:
+    """Windows of n tokens every ``stride``; ``skip`` (0 or the n - 1 shared targets) leaves out the first window."""
     b, t = ids.shape
     if t <= n:
         return model_logprobs(model, ids)
@@ -202,14 +203,12 @@ def _chunked(model, ids: Tensor, n: int, stride: int, bos: int | None, skip_firs
     if bos is not None:
         has_bos = ids[:, 0] == bos
         windows[:, :, 0] = torch.where(has_bos[:, None], torch.full_like(windows[:, :, 0], bos), windows[:, :, 0])
-    first = 1 if skip_first else 0
+    first = 1 if skip else 0  # the first window's n - 1 targets are the shared ones
     lp = model_logprobs(model, windows[:, first:].reshape(-1, n)).view(b, len(starts) - first, n - 1)
-    pieces = [] if skip_first else [lp[:, 0]]
-    for w in range(max(first, 1), len(starts)):
+    pieces = [torch.full((b, n - 1), float("nan"), device=ids.device)] if skip else [lp[:, 0]]
+    for w in range(1, len(starts)):
         keep = remainder if (remainder and w == len(starts) - 1) else stride
         pieces.append(lp[:, w - first, n - 1 - keep :])
-    if skip_first:
-        pieces.insert(0, torch.full((b, n - 1), float("nan"), device=ids.device))
     return torch.cat(pieces, dim=1)
 
 
@@ -226,7 +225,7 @@ def window_mask(t: int, n: int, sink: bool, device=None) -> Tensor:
 def _window(model, ids: Tensor, n: int, sink: bool | str, attention: str, skip: int) -> Tensor:
     if attention != "dense":  # windowed() resolves auto itself (and may fall back from flex to sdpa)
         with windowed(model, ids.shape[1], window_width(n, sink), sink, attention, ids.device) as kwargs:
-            out = model_logprobs(model, ids, first=skip, **kwargs)
+            out = model_logprobs(model, ids, skip=skip, **kwargs)
         return out
     allowed = window_mask(ids.shape[1], n, sink, ids.device)[None, None]
     impl = getattr(model.config, "_attn_implementation", "sdpa")
@@ -241,4 +240,4 @@ def _window(model, ids: Tensor, n: int, sink: bool | str, attention: str, skip: 
             f"scorer.mode=window needs model.attn_implementation in ['sdpa', 'eager'], got {impl!r}; "
             "use scorer.attention=sdpa or flex, or scorer.mode=chunked"
         )
-    return model_logprobs(model, ids, first=skip, attention_mask=mask)
+    return model_logprobs(model, ids, skip=skip, attention_mask=mask)

@@ -1,6 +1,7 @@
 """Step 2 of the method: turn per-target scores into loss weights.
 
-Every weighting is a callable ``w(long_logprobs, short_logprobs, mask) -> weights`` on (B, T) tensors:
+Every weighting is a callable ``w(long_logprobs, short_logprobs, mask) -> weights`` on (B, T) tensors,
+and ranks targets by its own ``scores(long, short)`` (the s_i below; logged as ``train/score_mean``):
 ``long_logprobs`` = log p_θ(x_i | full context), ``short_logprobs`` = log p_θ'(x_i | ≤ n tokens),
 ``mask`` True for valid targets. Weights are computed per sequence over its M valid targets, are
 detached (no gradient flows through them) and are 0 on invalid targets. The formulas are the table of
@@ -53,6 +54,10 @@ class Weighting:
     def name(self) -> str:
         return type(self).__name__.lower()
 
+    def scores(self, long_lp: Tensor, short_lp: Tensor) -> Tensor:
+        """s_i, what this weighting ranks targets by: the spec's |short_i − long_i| unless it says otherwise."""
+        return (short_lp - long_lp).abs()
+
     def weights(self, long_lp: Tensor, short_lp: Tensor | None, mask: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -72,7 +77,7 @@ class Dense(Weighting):
         self.lam = float(lam)
 
     def weights(self, long_lp, short_lp, mask):
-        s = torch.where(mask, (short_lp - long_lp).abs(), torch.zeros_like(long_lp))
+        s = torch.where(mask, self.scores(long_lp, short_lp), torch.zeros_like(long_lp))
         m = mask.sum(-1, keepdim=True).float()
         total = s.sum(-1, keepdim=True)
         w_hat = torch.where(total > 0, m * s / total.clamp_min(torch.finfo(s.dtype).tiny), torch.ones_like(s))
@@ -94,9 +99,6 @@ class Sparse(Weighting):
         self.kappa, self.lam = float(kappa), float(lam)
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
-
-    def scores(self, long_lp: Tensor, short_lp: Tensor) -> Tensor:
-        return (short_lp - long_lp).abs()
 
     def weights(self, long_lp, short_lp, mask):
         s = self.scores(long_lp, short_lp)
@@ -125,8 +127,11 @@ class LongCE(Weighting):
         _check("gamma", gamma, gamma > 0, "> 0")
         self.gamma = float(gamma)
 
+    def scores(self, long_lp, short_lp):
+        return long_lp - short_lp  # the log likelihood ratio; the weight is its exp, clipped
+
     def weights(self, long_lp, short_lp, mask):
-        return torch.exp(long_lp - short_lp).clamp(max=self.gamma)
+        return torch.exp(self.scores(long_lp, short_lp)).clamp(max=self.gamma)
 
 
 class PPMI(Sparse):
@@ -146,3 +151,23 @@ class NPMI(PPMI):
 
     def scores(self, long_lp, short_lp):
         return (short_lp - long_lp - math.log(self.shift)).clamp_min(0.0)
+
+
+def weight_stats(weights: Tensor, mask: Tensor, n: int) -> dict[str, Tensor]:
+    """Diagnostics of the weights over valid targets (per sequence where the spec normalises per sequence):
+    mean, std, max, the fraction at zero, ESS = (Σw)²/Σw²/M, and the weight mass on targets beyond n."""
+    m = mask.float()
+    count = m.sum().clamp_min(1)
+    w = weights * m
+    mean = w.sum() / count
+    std = (((weights - mean) * m) ** 2).sum().div(count).sqrt()
+    ess = (w.sum(-1) ** 2 / (w**2).sum(-1).clamp_min(1e-12) / m.sum(-1).clamp_min(1)).mean()
+    beyond = torch.arange(mask.shape[1], device=mask.device) >= n
+    return {
+        "weight_mean": mean,
+        "weight_std": std,
+        "weight_max": w.max(),
+        "weight_zero_frac": ((weights == 0) & mask).float().sum() / count,
+        "weight_ess": ess,
+        "weight_mass_beyond_n": w[:, beyond].sum() / w.sum().clamp_min(1e-12),
+    }

@@ -22,7 +22,7 @@ from lctw.method.scoring import model_logprobs
 
 @dataclass
 class TokenView:
-    """Per target x_2 … x_T of one sequence: its text, log-probs, score s_i = |short − long| and weight.
+    """Per target x_2 … x_T of one sequence: its text, log-probs, the weighting's score s_i and weight.
 
     Index j is the target at position j + 1, which has j + 1 tokens before it: beyond n iff j >= n.
     """
@@ -55,9 +55,10 @@ def token_view(theta, scorer, weighting, input_ids: torch.Tensor, tokenizer, n: 
         long = model_logprobs(theta, ids, chunk_size).float()
         short = scorer(theta, {"input_ids": ids, "mask": mask}, long).float()
         weights = weighting(long, short, mask)
+        scores = weighting.scores(long, short)
     tokens = [tokenizer.decode([t]) for t in ids[0, 1:].tolist()]
     as_np = lambda x: x[0].detach().cpu().numpy().astype(np.float64)  # noqa: E731
-    return TokenView(tokens, as_np(long), as_np(short), np.abs(as_np(short) - as_np(long)), as_np(weights), n, title)
+    return TokenView(tokens, as_np(long), as_np(short), as_np(scores), as_np(weights), n, title)
 
 
 def _colour(value: float, top: float, rgb: tuple[int, int, int]) -> str:

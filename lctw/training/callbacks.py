@@ -4,7 +4,7 @@
 
 * **Every training step** it keeps a sample of the valid targets' scores, weights and positions
   (``per_step`` of them, drawn with its own generator, so training's random streams are untouched)
-  and the step's weight diagnostics (ESS and mass beyond n, :func:`lctw.training.module.weight_stats`, as the
+  and the step's weight diagnostics (ESS and mass beyond n, :func:`lctw.method.weighting.weight_stats`, as the
   training step returns them). At the
   end of training they go to ``<run dir>/token_weights.npz``, which ``python -m lctw.runs.report`` reads
   for its histograms and its training-averaged weight diagnostics (and, with W&B, into the run's files).

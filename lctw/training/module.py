@@ -3,21 +3,23 @@ L = Σ_valid w_i · CE_i / (number of valid targets), weights detached.
 
 "The batch" of that definition is the optimizer step's: all its micro-batches (gradient accumulation)
 on all ranks. Each micro-batch backpropagates its unnormalised sum Σ w_i · CE_i, and
-:meth:`TokenWeightingLM.on_before_optimizer_step` divides the gradients by the step's valid targets,
-summed over micro-batches and ranks (one all-reduce of a scalar). So 2 ranks × b sequences, or b
-sequences × 2 accumulated micro-batches, give exactly the gradient of one batch of 2b sequences, even
-when padding leaves the micro-batches with different numbers of valid targets (a mean of per-micro-batch
-means would weight each target by 1/its micro-batch's count). Weights are normalised per sequence by
-the weighting, and a sequence is never split across ranks or micro-batches, so this is the method's L.
-``train/loss`` logs each micro-batch's own mean.
+:meth:`TokenWeightingLM._end_of_step` divides the gradients by the step's valid targets, summed over
+micro-batches and ranks (one all-reduce), the one place the loss is normalised. So 2 ranks × b sequences,
+or b sequences × 2 accumulated micro-batches, give exactly the gradient of one batch of 2b sequences,
+even when padding leaves the micro-batches with different numbers of valid targets (a mean of
+per-micro-batch means would weight each target by 1/its micro-batch's count). Weights are normalised per
+sequence by the weighting, and a sequence is never split across ranks or micro-batches, so this is the
+method's L. ``train/loss`` and ``train/ce`` are the step's: the same sums over the same targets, reduced
+in the same all-reduce.
 
 The parts arrive already built (:func:`lctw.training.experiment.run`): θ with its context extension
 (:func:`lctw.models.theta.build_theta`), the scorer with its θ' loaded (a frozen θ0 keeps its original RoPE,
 because it is loaded from the spec, not extended).
 
 Logged: ``train/loss`` (weighted), ``train/ce`` (unweighted), weight diagnostics (``train/weight_std``,
-``weight_max``, ``weight_zero_frac``, ``weight_ess`` = (Σw)²/Σw²/M, ``weight_mass_beyond_n``, score
-mean), ``train/tokens_per_s``; validation ``val/ce``, ``val/ppl`` and the CE split at position n,
+``weight_max``, ``weight_zero_frac``, ``weight_ess`` = (Σw)²/Σw²/M, ``weight_mass_beyond_n``:
+:func:`lctw.method.weighting.weight_stats`; ``score_mean``, the mean of the weighting's own scores s_i),
+``train/tokens_per_s``; validation ``val/ce``, ``val/ppl`` and the CE split at position n,
 ``val/ce_within_n`` / ``val/ce_beyond_n`` (targets with at most / more than n tokens before them),
 where context extension shows. ``training_step`` returns the loss together with the step's scores, weights
 and mask (detached), which callbacks receive in ``on_train_batch_end`` (:class:`lctw.training.callbacks.TokenWeights`).
@@ -27,8 +29,10 @@ log-probs, short log-probs, weights or loss (on valid targets) or whose gradient
 skipped: no parameter changes (gradients are dropped, so the optimizer leaves every parameter alone) and
 ``train/skipped_steps`` counts it. With ``policy=stop``, or after ``max_skipped`` skipped steps, the run
 stops with a :class:`FloatingPointError` that names the fault and the step. A non-finite validation CE
-stops the run too, and no checkpoint is written while any parameter is non-finite. Rows whose scores are
-all zero are not a fault: the spec gives them uniform weights (dense), and ``train/zero_score_rows``
+stops the run too, and no checkpoint is written while any parameter is non-finite. With ``precision=16-mixed``
+an overflow of the scaled gradients is not a fault either: the gradient scaler owns those steps (it skips
+them and lowers its scale, as fp16 training needs), so they are neither counted nor stopped on. Rows whose
+scores are all zero are not a fault: the spec gives them uniform weights (dense), and ``train/zero_score_rows``
 counts them.
 """
 
@@ -40,36 +44,16 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from lctw.method.kernels import weighted_loss
 from lctw.method.scorers import NoScorer, Scorer
 from lctw.method.scoring import model_logprobs
-from lctw.method.weighting import Uniform, Weighting
+from lctw.method.weighting import Uniform, Weighting, weight_stats
 from lctw.training.distributed import local
 
 log = logging.getLogger(__name__)
 NONFINITE = ("skip", "stop")
-
-
-def weight_stats(weights: Tensor, mask: Tensor, n: int) -> dict[str, Tensor]:
-    """Diagnostics of the spec over valid targets (per sequence where the spec normalizes per sequence)."""
-    m = mask.float()
-    count = m.sum().clamp_min(1)
-    w = weights * m
-    mean = w.sum() / count
-    std = (((weights - mean) * m) ** 2).sum().div(count).sqrt()
-    ess = (w.sum(-1) ** 2 / (w**2).sum(-1).clamp_min(1e-12) / m.sum(-1).clamp_min(1)).mean()
-    beyond = torch.arange(mask.shape[1], device=mask.device) >= n
-    return {
-        "weight_mean": mean,
-        "weight_std": std,
-        "weight_max": w.max(),
-        "weight_zero_frac": ((weights == 0) & mask).float().sum() / count,
-        "weight_ess": ess,
-        "weight_mass_beyond_n": w[:, beyond].sum() / w.sum().clamp_min(1e-12),
-    }
 
 
 def check_nonfinite(policy: str, max_skipped: int) -> None:
@@ -114,7 +98,8 @@ class TokenWeightingLM(L.LightningModule):
         self.nonfinite, self.max_skipped = nonfinite, max_skipped
         self.skipped_steps = 0  # saved in checkpoints: a resumed run keeps counting
         self._window_faulty = False  # a micro-batch of this accumulation window was skipped
-        self._window_targets = 0  # valid targets this rank has backpropagated since the last optimizer step
+        # Σ w·CE, Σ CE and valid targets this rank has backpropagated since the last optimizer step
+        self._window = torch.zeros(3)
 
     def configure_model(self) -> None:
         """Sharding, where the strategy does it (``trainer=fsdp``: :class:`lctw.training.distributed.FSDP2Strategy`)."""
@@ -193,7 +178,7 @@ class TokenWeightingLM(L.LightningModule):
         long_lp = model_logprobs(self.model, ids, self.chunk_size, kernel=self.loss_kernel)
         short_lp = self.scorer(self.model, batch, long_lp.detach())
         weights = self.weighting(long_lp, short_lp, mask)
-        loss = weighted_loss(long_lp, weights, mask)
+        loss = weighted_loss(long_lp, weights, mask, reduction="sum")
         checks = (("log-probs", long_lp), ("short log-probs", short_lp), ("weights", weights))
         bad = next((what for what, x in checks if x is not None and not torch.isfinite(x.detach()[mask]).all()),
                    None) or (None if torch.isfinite(loss.detach()) else "loss")
@@ -202,11 +187,10 @@ class TokenWeightingLM(L.LightningModule):
             self._window_faulty = True  # the whole optimizer step is skipped, not just this micro-batch
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
             return None  # Lightning skips backward and the optimizer step
-        targets = mask.sum()
-        self._window_targets = self._window_targets + targets.detach()
-        ce = weighted_loss(long_lp.detach(), None, mask)
-        logs = {"train/loss": loss.detach(), "train/ce": ce, "train/skipped_steps": float(self.skipped_steps)}
-        scores = None if short_lp is None else (short_lp - long_lp.detach()).abs() * mask
+        ce = weighted_loss(long_lp.detach(), None, mask, reduction="sum")
+        self._window = self._window.to(loss.device) + torch.stack([loss.detach(), ce, mask.sum().float()])
+        logs = {"train/skipped_steps": float(self.skipped_steps)}
+        scores = None if short_lp is None else self.weighting.scores(long_lp.detach(), short_lp) * mask
         if scores is not None:
             logs["train/zero_score_rows"] = (scores.sum(-1) == 0).float().sum()
         stats = weight_stats(weights, mask, self.n)
@@ -216,11 +200,9 @@ class TokenWeightingLM(L.LightningModule):
         if self._trainer is not None and self.trainer.optimizers:
             logs["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log_dict(logs, on_step=True, prog_bar=False, batch_size=ids.shape[0])
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=ids.shape[0])
-        # Σ w_i CE_i, normalised by the whole step's targets (module docstring); scores, weights and their
+        # Σ w_i CE_i, normalised by the whole step's targets in _end_of_step; scores, weights and their
         # diagnostics go to callbacks' on_train_batch_end (lctw.training.callbacks.TokenWeights), detached
-        return {"loss": loss * targets.clamp_min(1), "scores": scores, "weights": weights.detach(), "mask": mask,
-                "stats": stats}
+        return {"loss": loss, "scores": scores, "weights": weights.detach(), "mask": mask, "stats": stats}
 
     def validation_step(self, batch, batch_idx):
         ids, mask = batch["input_ids"], batch["mask"]
@@ -230,30 +212,40 @@ class TokenWeightingLM(L.LightningModule):
             if sel.any():
                 self.val_ce[key].update(nll[sel])
 
-    def _normalise_gradients(self) -> None:
-        """Divide the summed gradients by the step's valid targets over all micro-batches and ranks.
-        Lightning divided each micro-batch's loss by ``accumulate_grad_batches`` and DDP / FSDP average
-        over ranks: both are undone here. Lightning calls callbacks' ``on_before_optimizer_step`` before
-        this module's, so a callback that reads gradients there sees them before this division."""
-        targets = self._window_targets
-        self._window_targets = 0
+    def _end_of_step(self) -> None:
+        """The step's loss, in one place: divide the summed gradients by the step's valid targets over all
+        micro-batches and ranks, and log the step's ``train/loss`` and ``train/ce`` from the same sums.
+        Lightning divided each micro-batch's loss by ``accumulate_grad_batches`` and DDP / FSDP average over
+        ranks: the factor undoes both. Lightning calls callbacks' ``on_before_optimizer_step`` before this
+        module's, so a callback that reads gradients there sees them before this division."""
+        window, self._window = self._window, torch.zeros(3)
         if self._trainer is None:
             return
-        if not torch.is_tensor(targets):
-            targets = torch.tensor(float(targets), device=self.device)
-        total = self.trainer.strategy.reduce(targets.float(), reduce_op="sum")
-        factor = float(self.trainer.accumulate_grad_batches * self.trainer.world_size / total.clamp_min(1))
+        loss_sum, ce_sum, targets = self.trainer.strategy.reduce(window.to(self.device), reduce_op="sum").tolist()
+        factor = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(targets, 1.0)
         for p in self.model.parameters():
             if p.grad is not None:
                 p.grad.mul_(factor)  # a float: grads may be DTensors (sharded)
+        if targets > 0:
+            step = {"train/loss": loss_sum / targets, "train/ce": ce_sum / targets}
+            self.log_dict(step, on_step=True, rank_zero_only=True)  # already reduced over ranks
+            self.log("loss", step["train/loss"], prog_bar=True, logger=False, rank_zero_only=True)
+
+    def _scaler(self):
+        """The fp16 gradient scaler (``precision=16-mixed``), or None."""
+        if self._trainer is None:
+            return None
+        return getattr(self.trainer.precision_plugin, "scaler", None)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self._normalise_gradients()
+        self._end_of_step()
         grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
         # one device-to-host sync for all gradients, not one per tensor
         bad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         bad = self._any_rank(bad)
-        if bad:
+        if bad and self._scaler() is not None:
+            bad = False  # an fp16 overflow: the scaler skips this step and lowers its scale (module docstring)
+        elif bad:
             self._fault("gradients")
         if bad or self._window_faulty:  # with accumulation, the other micro-batches' gradients go too
             for p in self.model.parameters():
