@@ -29,7 +29,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# Every CPU figure of the README's "Score cache and speed" section, as JSON under $(BENCH) (17 min
+# Every CPU figure of docs/speed.md, as JSON under $(BENCH) (17 min
 # on 2 cores; GPU: run the scripts with --device cuda --dtype bfloat16, see their --help).
 BENCH  ?= outputs/benchmarks
 bench: $(STAMP)

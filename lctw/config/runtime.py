@@ -229,7 +229,7 @@ def _launches_ranks(trainer: DictConfig) -> bool:
 def check_launch(cfg: DictConfig) -> None:
     """A local ``-m`` sweep cannot run a multi-rank trainer: Lightning starts the other ranks by re-running
     the command line, ``-m`` included, so each rank would start the whole sweep again. Refused before
-    anything loads, with the ways that work (README, "Several GPUs on one machine")."""
+    anything loads, with the ways that work (docs/cluster.md, "Several GPUs on one machine")."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

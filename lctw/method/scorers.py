@@ -19,7 +19,7 @@ never in the optimizer, stays in eval mode, and is left out of checkpoints unles
 (on resume it is rebuilt from its spec, which is cheaper than storing a second model).
 
 Adding a scorer: subclass :class:`Scorer` (set ``name`` and ``fixed``, implement ``forward``; load a
-model in ``setup`` if it needs one) and add ``conf/scorer/<name>.yaml``; see the README.
+model in ``setup`` if it needs one) and add ``conf/scorer/<name>.yaml``; see docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def base_metrics(spec) -> dict[str, float]:
               f"control, exact match {acc:.2f}, CE {measured['eval/recall/ce_within_n']:.3f} per value token")
     if gain < COPIES:
         log.warning("%s. θ0 does not copy within n (a model that copies gains up to 4 ln 10 = 9.2 nats): a run on "
-                    "it cannot show recall beyond n; see the README's Results", figure)
+                    "it cannot show recall beyond n; see docs/results.md", figure)
     else:
         log.info(figure)
     return out
