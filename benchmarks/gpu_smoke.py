@@ -173,14 +173,25 @@ def check_fp32_masters(module, batch) -> dict:
     return {"ok": changed / total > 0.99, "changed_fraction": changed / total}
 
 
+# The LM-head kernels are checked at a realistic vocabulary whatever the smoke model's: CCE's bf16
+# accumulation of the hidden states' gradient grows with V (relative L2 error 3.1e-2 at 32k, 5.6e-2 at 128k
+# in an emulation) while exact accumulation stays near one bf16 rounding (1.7e-3 to 2.3e-3).
+KERNEL_VOCAB = 128256
+# Relative L2 error of a fused kernel's log-probs and gradients against the chunked fp32 path: above one
+# bf16 rounding of the inputs, below what bf16 accumulation gives at 128k.
+KERNEL_TOL = 1e-2
+
+
 def check_loss_kernels(hidden: int, vocab: int, tokens: int = 8192) -> dict:
-    """Chunked vs full logits, and each installed fused kernel vs chunked: max abs differences of the
-    log-probs and of the gradients w.r.t. the hidden states and the head. Tolerances: the chunked path
-    reduces in fp32 like full logits (1e-3); the fused kernels multiply bf16 inputs (1e-2 relative)."""
+    """Chunked vs full logits, and each installed fused kernel vs chunked: relative L2 errors of the
+    log-probs and of the gradients w.r.t. the hidden states and the head, at a vocabulary of at least
+    :data:`KERNEL_VOCAB`. Tolerances: the chunked path reduces in fp32 like full logits (1e-3); the fused
+    kernels multiply bf16 inputs (:data:`KERNEL_TOL`)."""
     import torch
 
     from lctw.method.kernels import kernel_problem, token_logprobs
 
+    vocab = max(vocab, KERNEL_VOCAB)
     torch.manual_seed(0)
     h = (torch.randn(1, tokens, hidden, device=DEVICE) / hidden**0.5).bfloat16().requires_grad_()
     w = (torch.randn(vocab, hidden, device=DEVICE) * 0.02 * hidden**0.5).requires_grad_()
@@ -199,9 +210,8 @@ def check_loss_kernels(hidden: int, vocab: int, tokens: int = 8192) -> dict:
                 "ms": 1e3 * (time.perf_counter() - start), "peak_gib": peak_gib()}
 
     def compare(ref, other, tol):
-        diff = {k: float((ref[k] - other[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12))
-                for k in ("lp", "dh", "dw")}
-        return {"max_rel_diff": diff, "ok": all(v < tol for v in diff.values()), "ms": other["ms"],
+        diff = {k: float((ref[k] - other[k]).norm() / ref[k].norm().clamp_min(1e-12)) for k in ("lp", "dh", "dw")}
+        return {"rel_l2_error": diff, "ok": all(v < tol for v in diff.values()), "ms": other["ms"],
                 "peak_gib": other["peak_gib"]}
 
     run("chunked")  # warm-up
@@ -214,7 +224,7 @@ def check_loss_kernels(hidden: int, vocab: int, tokens: int = 8192) -> dict:
             out[kernel] = {"skipped": problem}
             continue
         run(kernel)
-        out[kernel] = compare(chunked, run(kernel), 1e-2)
+        out[kernel] = compare(chunked, run(kernel), KERNEL_TOL)
     out["ok"] = all(v.get("ok", True) for v in out.values() if isinstance(v, dict))
     return out
 

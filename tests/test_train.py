@@ -34,8 +34,8 @@ def trained_run(cache_dir, tmp_path_factory):
     return run_dir, train(cfg, run_dir=run_dir)
 
 
-def test_default_experiment_end_to_end(trained_run, cache_dir):
-    tmp_path, metrics = trained_run
+def test_default_experiment_trains_and_validates_at_n(trained_run):
+    _, metrics = trained_run
     for key in ("train/loss", "train/ce", "train/tokens_per_s"):
         assert math.isfinite(metrics[key]), key
     assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/ce"]), rel=1e-4)
@@ -43,33 +43,56 @@ def test_default_experiment_end_to_end(trained_run, cache_dir):
     for suffix in ("", "_before"):  # after training, and θ right after extension
         split = (32 * metrics[f"val/ce_within_n{suffix}"] + 95 * metrics[f"val/ce_beyond_n{suffix}"]) / 127
         assert metrics[f"val/ce{suffix}"] == pytest.approx(split, rel=1e-5)
-    # dense lam=0.75 weights: every weight >= 0.75, rows of mean 1, so non-uniform means ESS below 1 but
-    # at least 1/(1 + variance) (Jensen), and no zero weights
+
+
+def test_default_experiment_weights_are_dense(trained_run):
+    """dense lam=0.75: every weight >= 0.75, rows of mean 1, so non-uniform means ESS below 1 but at least
+    1/(1 + variance) (Jensen), and no zero weights."""
+    _, metrics = trained_run
     assert metrics["train/weight_zero_frac"] == 0 and metrics["train/weight_max"] > 1
     assert 1 / (1 + metrics["train/weight_std"] ** 2) - 1e-6 <= metrics["train/weight_ess"] < 1
     assert 0 < metrics["train/weight_mass_beyond_n"] < 1
-    # the base really was pretrained at n: far better than chance on held-out essays
+
+
+def test_default_experiment_builds_theta0_by_the_base_stage(trained_run, cache_dir):
+    """The base really was pretrained at n, as an ordinary run of experiment=base: far better than chance."""
     base = next(p.parent.parent for p in Path(cache_dir, "tiny").glob("*/hf/config.json"))
     base_cfg = OmegaConf.load(base / "config.yaml")
     assert (base_cfg.n, base_cfg.N, base_cfg.scorer._target_, base_cfg.context.method) == (
-        32, 32, "lctw.method.scorers.NoScorer", "none")  # an ordinary run of experiment=base
+        32, 32, "lctw.method.scorers.NoScorer", "none")
     assert json.loads((base / "metrics.json").read_text())["val/ce"] < math.log(4096)
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3  # max_steps
-    assert json.loads((tmp_path / "metrics.json").read_text())["val/ce"] == metrics["val/ce"]
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+
+
+def test_default_experiment_writes_its_run_directory(trained_run):
+    run_dir, metrics = trained_run
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3  # max_steps
+    assert json.loads((run_dir / "metrics.json").read_text())["val/ce"] == metrics["val/ce"]
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_default_experiment_exports_the_extended_theta(trained_run):
+    """θ as a Hugging Face model with the NTK-aware RoPE base for 4x at head size 32, not θ0's."""
+    run_dir, _ = trained_run
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
     assert exported.config.max_position_embeddings == 128
-    # extended θ, not θ0: the NTK-aware base for 4x with head size 32
     assert exported.config.rope_parameters["rope_theta"] == pytest.approx(10000.0 * 4 ** (32 / 30))
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert OmegaConf.load(run_dir / "hf" / "lctw.yaml").N == 128
+
+
+def test_default_experiment_checkpoint_describes_itself_without_theta0(trained_run):
+    run_dir, _ = trained_run
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert not any(k.startswith("scorer") for k in ckpt["state_dict"])  # θ0 is not saved with θ
-    assert ckpt["hyper_parameters"]["config"]["context"]["method"] == "theta"  # the checkpoint describes itself
-    assert OmegaConf.load(tmp_path / "hf" / "lctw.yaml").N == 128
-    # eval=ppl ran after training: CE by position bucket of width n up to N
-    table = pd.read_csv(tmp_path / "eval" / "position_ce.csv", index_col=0)
+    assert ckpt["hyper_parameters"]["config"]["context"]["method"] == "theta"
+
+
+def test_default_experiment_ends_in_its_evaluation(trained_run):
+    """eval=ppl ran after training: CE by position bucket of width n up to N."""
+    run_dir, metrics = trained_run
+    table = pd.read_csv(run_dir / "eval" / "position_ce.csv", index_col=0)
     assert list(table.index) == ["0-32", "32-64", "64-96", "96-128"]
     assert metrics["eval/ce/0-32"] == pytest.approx(table.loc["0-32", "ce"])
-    assert (tmp_path / "eval" / "position_ce.png").stat().st_size > 0
+    assert (run_dir / "eval" / "position_ce.png").stat().st_size > 0
 
 
 def test_wandb_shows_what_the_weighting_does(trained_run):
