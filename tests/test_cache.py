@@ -300,8 +300,8 @@ def test_score_py_finishes_a_cache_whose_complete_json_was_lost(scored, cache_di
     ("score.batch_size=2.5", "score.batch_size=2.5 must be an integer >= 1"),
     ("score.shard_rows=0", "score.shard_rows=0 is out of range: allowed >= 1"),
     ("score.limit=0", "score.limit=0 is out of range: allowed >= 1 or null"),
-    ("score.device=gpu", "score.device='gpu' is not allowed: allowed auto, cpu, cuda or cuda:<i>"),
-    ("score.device=cuda:7", "score.device='cuda:7' is not available"),
+    ("score.device=gpu", "score.device='gpu' is not a device: allowed auto, cpu, cuda, cuda:<index>, mps"),
+    ("score.device=cuda:7", "score.device=cuda:7 is not available on this machine"),
 ])
 def test_bad_score_options_are_refused_before_the_cache_directory_is_created(cache_dir, tmp_path, option, message):
     out = tmp_path / "cache"

@@ -22,6 +22,7 @@ from lctw.cache import cache_dir, fill_command
 from lctw.cache.fingerprint import fingerprint
 from lctw.cache.store import CacheDamaged, ScoreCache, row_checksum
 from lctw.method.scorers import FixedScorer
+from lctw.models.theta import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,7 @@ def check_options(batch_size=8, shard_rows=256, limit=None, device="auto") -> to
             raise ValueError(f"{key}={value!r} must be an integer >= 1" + (" or null" if key == "limit" else ""))
         if value < 1:
             raise ValueError(f"{key}={value} is out of range: allowed >= 1" + (" or null" if key == "limit" else ""))
-    allowed = "allowed auto, cpu, cuda or cuda:<i>"
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} is not allowed: {allowed}") from None
-    if resolved.type not in ("cpu", "cuda") or (resolved.type == "cpu" and resolved.index is not None):
-        raise ValueError(f"device={device!r} is not allowed: {allowed}")
-    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device={device!r} is not available: this machine has {torch.cuda.device_count()} CUDA "
-                         "device(s); use auto or cpu")
-    return resolved
+    return resolve_device(device, "device")
 
 
 def fill_cache(cfg: DictConfig) -> Path:

@@ -13,9 +13,10 @@ Three kinds of check, in this order:
 * **Values** of the parts: each part's constructor checks only its own arguments and raises plain
   errors about them (``lam=1.5 is out of range: allowed [0, 1]``); :func:`build` reports them under the
   config key they came from (``weighting.lam=1.5 is out of range: allowed [0, 1]``). Lightning's
-  Trainer and the entry points' own keys are not ours, so their values are checked here
-  (:func:`check_trainer`, :func:`check_checkpoint`, :func:`check_device`), including the accelerator
-  and devices against what torch sees on this machine.
+  Trainer is not ours, so its values are checked here (:func:`check_trainer`), including the accelerator
+  and devices against what torch sees on this machine; files, devices and loss kernels by their owners
+  (:func:`lctw.runs.checkpoints.check_file`, :func:`lctw.models.theta.check_model_path`,
+  :func:`lctw.models.theta.resolve_device`, :func:`lctw.method.kernels.check_loss`).
 * **Cross-key invariants** (n < N, a weighting that needs scores, a cache that needs a fixed scorer,
   the small scorer's vocabulary), here and nowhere else.
 
@@ -25,8 +26,8 @@ Tokenizers are cheap and are compared here; no model weights and no data are eve
 Every rule a configuration must satisfy lives in this package, in three files a user who hits a
 refusal can read end to end: ``types.py`` (types against the constructors, :func:`build`),
 ``runtime.py`` (Trainer, machine, batch, launch, files and devices) and this module (the top-level keys,
-the cross-key invariants, and the entry points' :func:`validate`, :func:`validate_evaluation`,
-:func:`validate_inspection`).
+the cross-key invariants, and the entry points' :func:`validate`, :func:`validate_evaluation`; the token view's
+:func:`lctw.tools.view.validate_inspection` builds on them).
 
 May import: the classes it checks (method, models, data, eval, training.module for the fault policy) and
 :mod:`lctw.runs.jobs` (run-directory resolvers); nothing below it imports the config layer except the
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
@@ -46,11 +46,7 @@ from lctw.config.runtime import (
     _resolve_accumulation,
     accumulation,
     check_batch,
-    check_checkpoint,
-    check_device,
     check_launch,
-    check_loss,
-    check_model_path,
     check_scheduler,
     check_trainer,
     ranks,
@@ -67,14 +63,15 @@ from lctw.config.types import (
     parameters,
     target_of,
 )
-from lctw.method.kernels import KERNELS
+from lctw.method.kernels import KERNELS, check_loss
 from lctw.models import DTYPES
+from lctw.models.theta import check_model_path, resolve_device
+from lctw.runs.checkpoints import check_file
 
-__all__ = ["EVAL_KEYS", "INSPECT_KEYS", "TRAIN_KEYS", "ConfigError", "Parts", "accumulation", "build",
-           "check_batch", "check_checkpoint", "check_device", "check_keys", "check_launch", "check_lengths",
-           "check_loss", "check_model_path", "check_node", "check_scheduler", "check_trainer", "check_value",
-           "describe", "matches", "named", "parameters", "ranks", "target_of", "validate", "validate_evaluation",
-           "validate_inspection"]
+__all__ = ["EVAL_KEYS", "TRAIN_KEYS", "ConfigError", "Parts", "accumulation", "build",
+           "check_batch", "check_keys", "check_launch", "check_lengths", "check_node", "check_scheduler",
+           "check_trainer", "check_value",
+           "describe", "matches", "named", "parameters", "ranks", "target_of", "validate", "validate_evaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +98,6 @@ TRAIN_KEYS = {"n": int, "N": int, "seed": int, "name": str | None, "chunk_size":
               "validate_first": bool, "ckpt_path": str | None, "checkpoint_every": int}
 EVAL_KEYS = {"ckpt": str, "gguf_file": str | None, "dtype": Literal[tuple(DTYPES)], "device": str, "n": int,
              "N": int, "seed": int, "name": str | None, "chunk_size": int | None}
-
-INSPECT_KEYS = {**TRAIN_KEYS, "ckpt": str | None, "text": str, "max_tokens": int | None, "top_k": int,
-                "dtype": Literal[tuple(DTYPES)], "device": str}
-
-
 
 @dataclass
 class Parts:
@@ -155,14 +147,17 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
             raise ConfigError(named("nonfinite", str(err))) from None
     if cfg.get("trainer") is not None:
         check_trainer(cfg.trainer, machine=not for_cache)
-        check_loss(cfg.get("loss", "auto"), cfg.trainer)
+        try:
+            check_loss(cfg.get("loss", "auto"), cfg.trainer.get("accelerator", "auto"))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if not for_cache:
             check_batch(cfg)
             check_launch(cfg)
     if cfg.get("scheduler") is not None:
         check_scheduler(cfg.scheduler)
     if cfg.get("ckpt_path") and cfg.ckpt_path != "last" and "://" not in cfg.ckpt_path:  # remote: Lightning reads it
-        check_checkpoint("ckpt_path", cfg.ckpt_path)
+        check_file("ckpt_path", cfg.ckpt_path)
     weighting = build(cfg.weighting, "weighting")
     context = build(cfg.context, "context")
     scorer = build(cfg.scorer, "scorer")
@@ -207,24 +202,5 @@ def validate_evaluation(cfg: DictConfig):
     """``eval.py``'s configuration, before any model or data loads; returns the built evaluation."""
     check_keys(cfg, EVAL_KEYS)
     check_model_path("ckpt", cfg.ckpt, cfg.get("gguf_file"))
-    check_device("device", cfg.device)
+    resolve_device(cfg.device, "device")
     return build(cfg.eval, "eval")
-
-
-def validate_inspection(cfg: DictConfig) -> tuple[Any, Any]:
-    """``python -m lctw.tools.view``'s configuration, before any model loads; returns (scorer, weighting)."""
-    check_keys(cfg, INSPECT_KEYS)
-    if not Path(cfg.text).expanduser().is_file():
-        raise ConfigError(f"text={cfg.text!r} is not a file: give the text file to inspect")
-    if cfg.max_tokens is not None and cfg.max_tokens < 3:
-        raise ConfigError(f"max_tokens={cfg.max_tokens} is out of range: allowed >= 3 (BOS and two targets), or null")
-    if cfg.top_k < 1:
-        raise ConfigError(f"top_k={cfg.top_k} is out of range: allowed >= 1")
-    check_device("device", cfg.device)
-    if cfg.ckpt:
-        check_model_path("ckpt", cfg.ckpt)
-    check_lengths(cfg)
-    weighting, scorer = build(cfg.weighting, "weighting"), build(cfg.scorer, "scorer")
-    if not scorer.produces_scores:
-        raise ConfigError("scorer=none has no scores to show: allowed scorer=self, frozen or small")
-    return scorer, weighting

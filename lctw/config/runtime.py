@@ -1,21 +1,18 @@
 """The values that are not ours to type-check (:mod:`lctw.config`): Lightning's Trainer against what torch
-sees on this machine, the batch and launch arithmetic of several ranks, the fused loss kernel, the
-schedule, and the files and devices the entry points are given (checkpoints, model paths).
+sees on this machine, the batch and launch arithmetic of several ranks, and the schedule. Files, devices
+and loss kernels are checked by their owners (:mod:`lctw.runs.checkpoints`, :mod:`lctw.models.theta`,
+:mod:`lctw.method.kernels`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import zipfile
 from datetime import timedelta
-from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lctw.config.types import ConfigError
-from lctw.method.kernels import kernel_problem
-from lctw.models import is_local_path
 
 
 def ranks(devices, num_nodes) -> int:
@@ -45,7 +42,6 @@ def accumulation(global_batch: int, batch_size: int, devices, num_nodes) -> int:
                           f"{batch_size} × {ranks(devices, num_nodes)} ranks (trainer.devices={devices} × "
                           f"trainer.num_nodes={num_nodes}) = {per_step}: change data.batch_size or the number of GPUs")
     return global_batch // per_step
-
 
 
 _TIME = re.compile(r"\d+:\d+:\d+:\d+")  # Lightning's time-based val_check_interval, DD:HH:MM:SS
@@ -138,17 +134,6 @@ def _check_machine(trainer: DictConfig) -> None:
                           f"machine; allowed indices 0 … {count - 1}")
 
 
-def check_loss(kernel: str, trainer: DictConfig) -> None:
-    """An explicitly chosen fused loss kernel must be installed and run where the trainer puts the model."""
-    import torch
-
-    accelerator = trainer.get("accelerator", "auto")
-    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    problem = kernel_problem(kernel, "cuda" if cuda else str(accelerator))
-    if kernel != "auto" and problem:
-        raise ConfigError(f"loss={kernel} {problem}")
-
-
 def check_scheduler(scheduler: DictConfig) -> None:
     """A schedule that ends at ``num_training_steps`` (cosine) needs a positive end; it follows
     ``trainer.max_steps``, which may be -1 (no step limit)."""
@@ -159,57 +144,6 @@ def check_scheduler(scheduler: DictConfig) -> None:
     warmup = scheduler.get("num_warmup_steps")
     if warmup is not None and warmup < 0:
         raise ConfigError(f"scheduler.num_warmup_steps={warmup} is out of range: allowed >= 0")
-
-
-def check_checkpoint(key: str, value: str) -> None:
-    """A checkpoint file that exists, is readable and is what ``torch.save`` writes (a zip archive with
-    ``data.pkl``): checked from the file's directory, before anything is unpickled. A sharded checkpoint
-    (``trainer=fsdp``: a directory) is checked through its ``meta.pt``."""
-    path = Path(value).expanduser()
-    if not path.exists():
-        raise ConfigError(f"{key}={value!r} does not exist: give a checkpoint a run wrote "
-                          "(<run dir>/checkpoints/last.ckpt)")
-    if path.is_dir():
-        from lctw.runs.checkpoints import SHARDED_INDEX, SHARDED_META
-
-        if not (path / SHARDED_META).is_file() or not (path / SHARDED_INDEX).is_file():
-            raise ConfigError(f"{key}={value!r} is a directory, not a checkpoint file nor a sharded checkpoint "
-                              f"(it lacks {SHARDED_META} or {SHARDED_INDEX}): give <run dir>/checkpoints/last.ckpt")
-        path = path / SHARDED_META  # trainer=fsdp: the shards' metadata file is an ordinary checkpoint
-    elif not path.is_file():
-        raise ConfigError(f"{key}={value!r} is not a file: give a checkpoint a run wrote "
-                          "(<run dir>/checkpoints/last.ckpt)")
-    if not os.access(path, os.R_OK):
-        raise ConfigError(f"{key}={value!r} is not readable (file permissions)")
-    value = str(path)
-    with path.open("rb") as fh:
-        is_zip = zipfile.is_zipfile(fh)
-    if not is_zip or not any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()):
-        raise ConfigError(f"{key}={value!r} is not a PyTorch checkpoint (torch.save writes a zip archive with "
-                          "data.pkl; this file is not one): give a .ckpt a run wrote")
-
-
-def check_device(key: str, value: str) -> None:
-    """``auto``, ``cpu`` or an accelerator torch sees on this machine (``cuda``, ``cuda:1``, ``mps`` …)."""
-    import torch
-
-    if value == "auto":
-        return
-    try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise ConfigError(f"{key}={value!r} is not a device: allowed auto, cpu, cuda, cuda:<index>, mps") from None
-    if device.type == "cpu":
-        return
-    present = torch.accelerator.current_accelerator()
-    if present is None or present.type != device.type:
-        sees = f"only {present.type}" if present is not None else "no accelerator (torch.cuda.is_available() is False)"
-        raise ConfigError(f"{key}={value} is not available on this machine: torch sees {sees}; allowed auto or cpu"
-                          + (f" or {present.type}" if present is not None else ""))
-    count = torch.accelerator.device_count()
-    if device.index is not None and device.index >= count:
-        raise ConfigError(f"{key}={value} is out of range: torch sees {count} {device.type} device(s) on this "
-                          f"machine; allowed {device.type}:0 … {device.type}:{count - 1}")
 
 
 def _launches_ranks(trainer: DictConfig) -> bool:
@@ -284,31 +218,3 @@ def _machine_devices_known(trainer: DictConfig) -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-
-def check_model_path(key: str, value: str, gguf_file: str | None = None) -> None:
-    """``eval.py``'s ``ckpt``: a run directory, a Lightning ``.ckpt`` (a file, or a sharded checkpoint's
-    directory) or a Hugging Face model directory that exists, or a hub name (``org/name``, not checked: that
-    needs the hub)."""
-    path = Path(value).expanduser()
-    if not path.exists():
-        if is_local_path(value):
-            raise ConfigError(f"{key}={value!r} does not exist: give a run directory, a Lightning .ckpt or a "
-                              "Hugging Face model (a local directory or a hub name org/name)")
-        return
-    if path.is_dir() and path.suffix == ".ckpt":  # a sharded checkpoint (trainer=fsdp)
-        check_checkpoint(key, value)
-        return
-    if path.is_file():
-        if path.suffix != ".ckpt":
-            raise ConfigError(f"{key}={value!r} is a file but not a Lightning .ckpt: give a run directory, a .ckpt "
-                              "or a Hugging Face model directory")
-        check_checkpoint(key, value)
-        return
-    if gguf_file:
-        if not (path / gguf_file).is_file():
-            raise ConfigError(f"gguf_file={gguf_file!r} does not exist in {key}={value!r}")
-    elif not (path / "hf" / "config.json").is_file() and not (path / "config.json").is_file():
-        raise ConfigError(f"{key}={value!r} is neither a run directory (hf/config.json) nor a Hugging Face model "
-                          "directory (config.json)")

@@ -75,6 +75,14 @@ def kernel_problem(kernel: str, device: str = "cuda", bias: bool = False) -> str
     return None
 
 
+def check_loss(kernel: str, accelerator: str) -> None:
+    """An explicitly chosen fused kernel must be installed and run on ``accelerator`` (the trainer's)."""
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    problem = kernel_problem(kernel, "cuda" if cuda else str(accelerator))
+    if kernel != "auto" and problem:
+        raise ValueError(f"loss={kernel} {problem}")
+
+
 def resolve_kernel(kernel: str, device: str, bias: bool = False) -> str:
     """The kernel that runs: ``auto`` is the first installed fused kernel that can run on ``device`` for this
     head (CCE has no bias), else ``chunked``."""

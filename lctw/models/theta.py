@@ -18,6 +18,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from lctw.errors import ConfigError
+from lctw.models.specs import is_local_path
+from lctw.runs.checkpoints import check_file
+
 THETA = "model"  # θ's attribute in the LightningModule, so its checkpoint keys start with "model."
 RUN_CONFIG = "lctw.yaml"  # the run's resolved config beside an exported θ
 
@@ -45,9 +49,27 @@ def save_theta(model, tokenizer, out_dir: Path, config: dict | None) -> None:
         OmegaConf.save(OmegaConf.create(config), Path(out_dir) / RUN_CONFIG)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` is the GPU when there is one, else the CPU."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+def resolve_device(value: str = "auto", key: str = "device") -> torch.device:
+    """The one device resolver: ``auto`` (the GPU when there is one, else the CPU), ``cpu`` or an accelerator
+    torch sees on this machine (``cuda``, ``cuda:1``, ``mps`` …); anything else is a ConfigError about ``key``."""
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{key}={value!r} is not a device: allowed auto, cpu, cuda, cuda:<index>, mps") from None
+    if device.type == "cpu":
+        return device
+    present = torch.accelerator.current_accelerator()
+    if present is None or present.type != device.type:
+        sees = f"only {present.type}" if present is not None else "no accelerator (torch.cuda.is_available() is False)"
+        raise ConfigError(f"{key}={value} is not available on this machine: torch sees {sees}; allowed auto or cpu"
+                          + (f" or {present.type}" if present is not None else ""))
+    count = torch.accelerator.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"{key}={value} is out of range: torch sees {count} {device.type} device(s) on this "
+                          f"machine; allowed {device.type}:0 … {device.type}:{count - 1}")
+    return device
 
 
 def load_theta(ckpt: str, dtype: str = "float32", gguf_file: str | None = None):
@@ -107,3 +129,30 @@ def read_sharded_theta(model: torch.nn.Module, path: Path) -> None:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors of θ (e.g. {missing[0]}): it was written "
                          "for another model")
     dcp.load({"state_dict": state}, checkpoint_id=path, no_dist=True)
+
+
+def check_model_path(key: str, value: str, gguf_file: str | None = None) -> None:
+    """What :func:`load_theta` loads, checked before it loads (``eval.py``'s ``ckpt``): a run directory, a
+    Lightning ``.ckpt`` (a file, or a sharded checkpoint's directory) or a Hugging Face model directory that
+    exists, or a hub name (``org/name``, not checked: that needs the hub)."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        if is_local_path(value):
+            raise ConfigError(f"{key}={value!r} does not exist: give a run directory, a Lightning .ckpt or a "
+                              "Hugging Face model (a local directory or a hub name org/name)")
+        return
+    if path.is_dir() and path.suffix == ".ckpt":  # a sharded checkpoint (trainer=fsdp)
+        check_file(key, value)
+        return
+    if path.is_file():
+        if path.suffix != ".ckpt":
+            raise ConfigError(f"{key}={value!r} is a file but not a Lightning .ckpt: give a run directory, a .ckpt "
+                              "or a Hugging Face model directory")
+        check_file(key, value)
+        return
+    if gguf_file:
+        if not (path / gguf_file).is_file():
+            raise ConfigError(f"gguf_file={gguf_file!r} does not exist in {key}={value!r}")
+    elif not (path / "hf" / "config.json").is_file() and not (path / "config.json").is_file():
+        raise ConfigError(f"{key}={value!r} is neither a run directory (hf/config.json) nor a Hugging Face model "
+                          "directory (config.json)")

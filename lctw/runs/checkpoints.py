@@ -19,15 +19,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import zipfile
 from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from lctw.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 SAME_THETA = ("model", "context", "n", "N")  # what makes a checkpoint's weights this run's θ
+# The one list of config keys (at any depth) that never change θ's numbers: where files go, how progress is
+# shown and logged, the fault policy. The base stage's cache key and the resume check both drop them.
+NOT_THETA = ("paths", "logger", "callbacks", "name", "validate_first", "ckpt_path", "eval", "nonfinite",
+             "checkpoint_every", "cache_dir", "num_workers")
 
 
 def file_sha256(path: Path) -> str:
@@ -121,8 +129,6 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
 
 def check_resume(path, cfg: DictConfig) -> None:
     """Before any model loads: ``path`` is a sound checkpoint of this run's θ (see the module docstring)."""
-    from lctw.errors import ConfigError
-
     try:
         if Path(path).is_dir():
             if not is_sharded(path):
@@ -138,17 +144,45 @@ def check_resume(path, cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path: checkpoint {path} holds no run config: it was not written by lctw's training")
     now = OmegaConf.to_container(cfg, resolve=True)
     diffs = [f"{k}: checkpoint {_short(saved.get(k))}, now {_short(now.get(k))}" for k in SAME_THETA
-             if _theta_part(saved.get(k)) != _theta_part(now.get(k))]
+             if theta_part(saved.get(k)) != theta_part(now.get(k))]
     if diffs:
         raise ConfigError(f"ckpt_path: checkpoint {path} is for another θ ({'; '.join(diffs)}); resume it with "
                           "its own configuration")
 
 
-def _theta_part(value):
-    """A model or context node without the keys that do not change θ (where files are cached)."""
-    return {k: v for k, v in value.items() if k != "cache_dir"} if isinstance(value, dict) else value
+def theta_part(value):
+    """A resolved config (or a node of one) without the keys that never change θ (:data:`NOT_THETA`)."""
+    if isinstance(value, dict):
+        return {k: theta_part(v) for k, v in value.items() if k not in NOT_THETA}
+    return value
 
 
 def _short(value) -> str:
-    text = repr(_theta_part(value))
+    text = repr(theta_part(value))
     return text if len(text) < 160 else text[:157] + "..."
+
+
+def check_file(key: str, value: str) -> None:
+    """A checkpoint file that exists, is readable and is what ``torch.save`` writes (a zip archive with
+    ``data.pkl``): checked from the file's directory, before anything is unpickled. A sharded checkpoint
+    (``trainer=fsdp``: a directory) is checked through its ``meta.pt``."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{key}={value!r} does not exist: give a checkpoint a run wrote "
+                          "(<run dir>/checkpoints/last.ckpt)")
+    if path.is_dir():
+        if not (path / SHARDED_META).is_file() or not (path / SHARDED_INDEX).is_file():
+            raise ConfigError(f"{key}={value!r} is a directory, not a checkpoint file nor a sharded checkpoint "
+                              f"(it lacks {SHARDED_META} or {SHARDED_INDEX}): give <run dir>/checkpoints/last.ckpt")
+        path = path / SHARDED_META  # trainer=fsdp: the shards' metadata file is an ordinary checkpoint
+    elif not path.is_file():
+        raise ConfigError(f"{key}={value!r} is not a file: give a checkpoint a run wrote "
+                          "(<run dir>/checkpoints/last.ckpt)")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{key}={value!r} is not readable (file permissions)")
+    value = str(path)
+    with path.open("rb") as fh:
+        is_zip = zipfile.is_zipfile(fh)
+    if not is_zip or not any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()):
+        raise ConfigError(f"{key}={value!r} is not a PyTorch checkpoint (torch.save writes a zip archive with "
+                          "data.pkl; this file is not one): give a .ckpt a run wrote")

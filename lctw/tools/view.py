@@ -20,13 +20,15 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any, Literal
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lctw.config import build, validate_inspection
-from lctw.models.theta import build_theta, load_theta, resolve_device
+from lctw.config import TRAIN_KEYS, ConfigError, build, check_keys, check_lengths
+from lctw.models import DTYPES
+from lctw.models.theta import build_theta, check_model_path, load_theta, resolve_device
 from lctw.runs.jobs import run_job
 from lctw.tools.tokenview import save_png, to_html, token_view
 from lctw.training import base
@@ -60,6 +62,29 @@ def _warn_if_not_the_runs(cfg: DictConfig, run_cfg: DictConfig) -> None:
     if differ:
         log.warning("the view uses other settings than the run was trained with (%s): run %s, here %s", differ,
                     {k: theirs[k] for k in differ}, {k: mine[k] for k in differ})
+
+
+INSPECT_KEYS = {**TRAIN_KEYS, "ckpt": str | None, "text": str, "max_tokens": int | None, "top_k": int,
+                "dtype": Literal[tuple(DTYPES)], "device": str}
+
+
+def validate_inspection(cfg: DictConfig) -> tuple[Any, Any]:
+    """This tool's configuration, before any model loads; returns (scorer, weighting)."""
+    check_keys(cfg, INSPECT_KEYS)
+    if not Path(cfg.text).expanduser().is_file():
+        raise ConfigError(f"text={cfg.text!r} is not a file: give the text file to inspect")
+    if cfg.max_tokens is not None and cfg.max_tokens < 3:
+        raise ConfigError(f"max_tokens={cfg.max_tokens} is out of range: allowed >= 3 (BOS and two targets), or null")
+    if cfg.top_k < 1:
+        raise ConfigError(f"top_k={cfg.top_k} is out of range: allowed >= 1")
+    resolve_device(cfg.device, "device")
+    if cfg.ckpt:
+        check_model_path("ckpt", cfg.ckpt)
+    check_lengths(cfg)
+    weighting, scorer = build(cfg.weighting, "weighting"), build(cfg.scorer, "scorer")
+    if not scorer.produces_scores:
+        raise ConfigError("scorer=none has no scores to show: allowed scorer=self, frozen or small")
+    return scorer, weighting
 
 
 def inspect_text(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict:

@@ -30,14 +30,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lctw.models.specs import build_lock
+from lctw.runs.checkpoints import theta_part
 from lctw.runs.jobs import read_metrics
 
 log = logging.getLogger(__name__)
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-# Keys that do not change θ0's numbers: where files go, how progress is shown and logged, fault policy.
-_NOT_IN_KEY = ("paths", "logger", "callbacks", "name", "validate_first", "ckpt_path", "eval", "nonfinite",
-               "checkpoint_every")
 
 
 @contextmanager
@@ -82,10 +80,7 @@ def base_config(spec) -> DictConfig:
 
 def config_key(cfg: DictConfig) -> str:
     """A hash of everything in ``cfg`` that changes the trained numbers."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    numbers = {k: v for k, v in resolved.items() if k not in _NOT_IN_KEY}
-    for group in ("model", "data"):
-        numbers[group] = {k: v for k, v in numbers[group].items() if k not in ("cache_dir", "num_workers")}
+    numbers = theta_part(OmegaConf.to_container(cfg, resolve=True))
     return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:12]
 
 
