@@ -28,11 +28,22 @@ Figures, for each length and for ``scorer=none``, ``self`` (window mode, FlexAtt
 (θ0 sharded like θ, chunked mode as in the paper): median step time, tokens/s/GPU, peak memory, and the
 step time relative to ``scorer=none``. A step is what ``TokenWeightingLM.training_step`` does (one sequence
 per GPU), then backward and AdamW, with activation checkpointing unless ``--no-checkpointing``.
+
+Out of memory: after every step the ranks agree, over a gloo group of their own, on which of them ran out
+of memory, before any rank starts another collective; each rank going its own way would pair one rank's
+all-gathers with another's next step and hang in NCCL until its timeout. The figure becomes an
+``{"oom": true, "oom_ranks": [...]}`` row on every rank. Measuring goes on when the ranks' collectives
+are known to be matched (one GPU, or some rank finished the step, so every collective of it completed);
+when every rank ran out of memory they may have stopped at different collectives, so the remaining rows
+are ``skipped``. A rank whose peers never reach the agreement (they wait in a collective of the failed
+step) gives up after ``--oom-timeout`` seconds: it writes its report (rank 0 to ``--out``, rank r to
+``<out stem>.rank<r>.json``) and exits with status 3 at once, and torchrun then stops the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -82,11 +93,26 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--no-checkpointing", action="store_true", help="no activation checkpointing")
     p.add_argument("--out", default=None, help="write the results as JSON here (rank 0)")
     p.add_argument("--cpu-check", action="store_true", help="run this script's code on the CPU (tests it)")
+    p.add_argument("--oom-timeout", type=float, default=300.0,
+                   help="seconds a rank waits for the others to agree on an out-of-memory step before it gives up\n"
+                        "(exit 3); more than one step takes, less than NCCL's 10-minute timeout")
     return p.parse_args(argv)
 
 
-def setup_distributed():
-    """One process per GPU: torchrun's environment, or a single-rank group for a plain ``python`` run."""
+class PeersStuck(RuntimeError):
+    """The other ranks did not reach the agreement after a step: they wait in one of its collectives."""
+
+    def __init__(self, failed: bool, message: str):
+        super().__init__(message)
+        self.failed = failed  # whether this rank's own step ran out of memory
+
+
+def setup_distributed(oom_timeout: float):
+    """One process per GPU: torchrun's environment, or a single-rank group for a plain ``python`` run.
+
+    Also returns a gloo group for agreeing on out-of-memory steps (``agree``): its messages never queue
+    behind the step's NCCL kernels nor pair with its collectives, and its timeout is ``oom_timeout``.
+    """
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -98,7 +124,33 @@ def setup_distributed():
     if DEVICE == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
-    return init_device_mesh(DEVICE, (dist.get_world_size(),)), dist.get_rank(), dist.get_world_size()
+    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=oom_timeout))
+    return init_device_mesh(DEVICE, (dist.get_world_size(),)), dist.get_rank(), dist.get_world_size(), control
+
+
+def agree(failed: bool, group) -> list[int]:
+    """The ranks whose step ran out of memory, the same list on every rank (``PeersStuck`` on a timeout)."""
+    import torch.distributed as dist
+
+    flags: list = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(flags, bool(failed), group=group)
+    except RuntimeError as e:  # gloo's timeout, or a peer that has exited
+        raise PeersStuck(failed, f"no agreement: {e}") from e
+    return [rank for rank, flag in enumerate(flags) if flag]
+
+
+def recover(module) -> None:
+    """After an out-of-memory step every rank agreed on: no gradients, no gathered parameters, no cache."""
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+
+    module.zero_grad(set_to_none=True)
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def build(args, max_len: int, seed: int):
@@ -249,19 +301,30 @@ def check_flex_window(model, vocab: int, length: int = 4096, n: int = 1024) -> d
     return {"ok": diff < 0.05, "max_abs_diff_nats": diff, "length": length, "n": n, **out}
 
 
-def time_steps(module, batch, optimizer, steps: int, warmup: int) -> dict:
+def time_steps(module, batch, optimizer, steps: int, warmup: int, control) -> dict:
+    """Median step time, tokens/s/GPU and peak memory, or ``{"oom": True, "oom_ranks": [...]}`` when a rank
+    ran out of memory in a step (agreed on by every rank before the next step's collectives)."""
+    import torch
 
     reset_peak()
     times = []
     for i in range(warmup + steps):
         sync()
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        (module.training_step(batch, i)["loss"] / batch["mask"].sum()).backward()
-        optimizer.step()
-        sync()
+        failed = False
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            (module.training_step(batch, i)["loss"] / batch["mask"].sum()).backward()
+            optimizer.step()
+            sync()
+        except torch.OutOfMemoryError:
+            failed = True
+        elapsed = time.perf_counter() - start
+        oom_ranks = agree(failed, control)
+        if oom_ranks:
+            return {"oom": True, "oom_ranks": oom_ranks}
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(elapsed)
     med = statistics.median(times)
     length = batch["input_ids"].shape[1]
     return {"median_s": med, "tokens_per_s_per_gpu": length / med,
@@ -289,7 +352,7 @@ def main(argv=None) -> int:
     from lctw.training.module import TokenWeightingLM
 
     warnings.filterwarnings("ignore")  # self.log() outside a Trainer warns once per call site
-    mesh, rank, world = setup_distributed()
+    mesh, rank, world, control = setup_distributed(args.oom_timeout)
     max_len = max(args.lengths)
     theta = shard(build(args, max_len, seed=0).train(), mesh, not args.no_checkpointing)
     vocab = theta.config.vocab_size
@@ -310,6 +373,7 @@ def main(argv=None) -> int:
     if "frozen" in args.scorers:  # θ0: the same initial weights, sharded the same way, never trained
         theta0 = shard(build(args, max_len, seed=0).eval().requires_grad_(False), mesh, False)
     optimizer = torch.optim.AdamW([p for p in theta.parameters() if p.requires_grad], lr=1e-7)
+    stopped = None  # why the remaining figures are skipped
     for length in args.lengths:
         n = length // args.n_ratio
         scorers = {"none": (NoScorer(n, length), Uniform()),
@@ -318,33 +382,72 @@ def main(argv=None) -> int:
         batch = random_batch(vocab, length, 2)
         base = None
         for name in args.scorers.split(","):
+            where = {"N": length, "n": n, "scorer": name}
+            if stopped:
+                report["figures"].append({**where, "skipped": stopped})
+                continue
             scorer, weighting = scorers[name]
             module = TokenWeightingLM(theta, scorer, weighting, n=n, loss=args.loss)
             try:
-                row = time_steps(module, batch, optimizer, args.steps, args.warmup)
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                row = {"oom": True}
+                row = time_steps(module, batch, optimizer, args.steps, args.warmup, control)
+            except PeersStuck as e:
+                report["figures"].append({**where, "oom": e.failed, "oom_ranks": [rank] if e.failed else [],
+                                          "agreement": str(e)})
+                give_up(report, rank, world, args)
+            if row.get("oom"):
+                if world > 1 and len(row["oom_ranks"]) == world:
+                    stopped = (f"every rank ran out of memory at N={length}, scorer={name}, possibly at different "
+                               "collectives; measure the rest in a separate run (--lengths, --scorers)")
+                else:
+                    recover(module)
             base = row if name == "none" else base
             if base and "median_s" in row and "median_s" in base:
                 row["vs_none"] = row["median_s"] / base["median_s"]
-            report["figures"].append({"N": length, "n": n, "scorer": name, **row})
+            report["figures"].append({**where, **row})
     if rank == 0:
-        print(json.dumps(report["setup"]))
-        for name, result in checks.items():
-            print(f"{name:<14}{'ok' if result['ok'] else 'FAILED'}  {json.dumps(result)}")
-        print(f"{'N':>6} {'n':>6} {'scorer':<8}{'step s':>9}{'tok/s/GPU':>11}{'peak GiB':>10}{'vs none':>9}")
-        for f in report["figures"]:
-            if f.get("oom"):
-                print(f"{f['N']:>6} {f['n']:>6} {f['scorer']:<8}  out of memory")
-                continue
+        print_report(report)
+        write_report(report, args.out)
+    if not stopped:  # NCCL's teardown could wait on a collective that some rank never issued
+        dist.destroy_process_group()
+    return 0 if all(c["ok"] for c in checks.values()) else 1
+
+
+def print_report(report: dict) -> None:
+    print(json.dumps(report["setup"]))
+    for name, result in report["checks"].items():
+        print(f"{name:<14}{'ok' if result['ok'] else 'FAILED'}  {json.dumps(result)}")
+    print(f"{'N':>6} {'n':>6} {'scorer':<8}{'step s':>9}{'tok/s/GPU':>11}{'peak GiB':>10}{'vs none':>9}")
+    for f in report["figures"]:
+        if "median_s" not in f:
+            status = [f"out of memory on rank(s) {f['oom_ranks']}"] if f.get("oom") else []
+            status += ["the other ranks did not agree"] if "agreement" in f else []
+            status += [f"skipped: {f['skipped']}"] if "skipped" in f else []
+            print(f"{f['N']:>6} {f['n']:>6} {f['scorer']:<8}  {'; '.join(status)}")
+        else:
             print(f"{f['N']:>6} {f['n']:>6} {f['scorer']:<8}{f['median_s']:>9.3f}{f['tokens_per_s_per_gpu']:>11.0f}"
                   f"{f['peak_gib']:>10.1f}{f.get('vs_none', 1.0):>9.3f}")
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=2))
-    dist.destroy_process_group()
-    return 0 if all(c["ok"] for c in checks.values()) else 1
+
+
+def write_report(report: dict, out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+
+
+def give_up(report: dict, rank: int, world: int, args) -> None:
+    """The other ranks wait in a collective this rank will never join: write what this rank has and exit
+    at once (status 3) without tearing down the process group, which could wait on that collective too;
+    torchrun stops the other ranks when one exits with an error."""
+    f = report["figures"][-1]
+    what = "out of memory" if f["oom"] else "waiting for the others"
+    print(f"rank {rank}/{world}: {what} at N={f['N']}, scorer={f['scorer']}; the other ranks did not "
+          f"reach the agreement within --oom-timeout={args.oom_timeout:g} s (they wait in a collective of the "
+          "failed step): exiting with status 3", file=sys.stderr, flush=True)
+    print_report(report)
+    out = args.out if rank == 0 or not args.out else str(Path(args.out).with_suffix(f".rank{rank}.json"))
+    write_report(report, out)
+    sys.stdout.flush()
+    os._exit(3)
 
 
 if __name__ == "__main__":

@@ -490,3 +490,72 @@ def test_longbench_budget_is_model2maxlen():
     assert [H.tasks.longbench_budget(w) for w in (4096, 8192, 16384, 32768)] == [3500, 7500, 15500, 31500]
     with pytest.raises(ValueError, match="eval.longbench.max_length"):
         H.tasks.longbench_budget(256)
+
+
+OFFICIAL_BBH = Path(__file__).parent / "data" / "bbh_cot_prompts"
+
+
+def _task_requests(include_path: Path, names: list[str]) -> dict[str, list[tuple]]:
+    """{task: [(context, generation kwargs) per doc]}: what lm-eval would send to the model."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    tasks = get_task_dict(names, TaskManager(include_path=str(include_path), include_defaults=False))
+    out = {}
+    for name, task in tasks.items():
+        task.build_all_requests(rank=0, world_size=1)
+        out[name] = [tuple(inst.arguments) for inst in task.instances]
+    return out
+
+
+def test_all_27_official_bbh_prompt_files_give_lm_evals_stock_requests(tmp_path):
+    """Issue 19: every official cot-prompts file (tests/data/bbh_cot_prompts, rebuilt from lm-eval's own
+    cot_fewshot YAMLs by its reconstruct.py) gives the requests of lm-eval's stock bbh_fewshot (k=3) and
+    bbh_zeroshot (k=0) tasks, run on the same rows: the same prompt, stop strings and generation length.
+    snarks' two-paragraph description was refused before ("cannot parse exemplar"), so eval=bbh aborted.
+    The stock YAMLs are copied with only their dataset pointed at the local rows; they leave max_gen_toks
+    to HFLM's default of 256, which lctw writes out."""
+    import lm_eval
+
+    from lctw.eval.harness.lmeval import TaskWriter
+    from lctw.eval.harness.readers import expand_tasks
+
+    stock_dir = Path(lm_eval.__file__).parent / "tasks" / "bbh"
+    data, stock = tmp_path / "data" / "bbh", tmp_path / "stock"
+    data.mkdir(parents=True)
+    stock.mkdir()
+    tasks = sorted(p.stem for p in OFFICIAL_BBH.glob("*.txt"))
+    assert len(tasks) == 27 and tasks == sorted(p.stem for p in (stock_dir / "fewshot").glob("[!_]*.yaml"))
+    shutil.copy(stock_dir / "zeroshot" / "utils.py", stock)  # the zero-shot answer filters' module
+    rows = [{"input": "Which option is right?\nOptions:\n(A) one\n(B) two", "target": "(A)"},
+            {"input": "not ( True ) and ( True ) is", "target": "False"}]
+    for task in tasks:
+        shutil.copy(OFFICIAL_BBH / f"{task}.txt", data)
+        rows_file = data / f"{task}.jsonl"
+        rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        for profile in ("fewshot", "zeroshot"):
+            local = f"\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(rows_file))}\n"
+            (stock / f"{profile}_{task}.yaml").write_text(
+                (stock_dir / profile / f"{task}.yaml").read_text(encoding="utf-8") + local, encoding="utf-8")
+    for profile in ("fewshot", "zeroshot"):
+        shutil.copy(stock_dir / profile / f"_{profile}_template_yaml", stock)
+    reference = _task_requests(stock, [f"bbh_{p}_{t}" for p in ("fewshot", "zeroshot") for t in tasks])
+
+    assert expand_tasks(tmp_path / "data", ["bbh"]) == {"bbh": tasks}
+    for k, profile in ((3, "fewshot"), (0, "zeroshot")):
+        work = tmp_path / f"work{k}"
+        work.mkdir()
+        writer = TaskWriter(tmp_path / "data", work, mmlu_fewshot=0, bbh_fewshot=k)
+        ours = _task_requests(work, [writer.write("bbh", t) for t in tasks])
+        for task in tasks:
+            expected = [(ctx, {"max_gen_toks": 256, **kw}) for ctx, kw in reference[f"bbh_{profile}_{task}"]]
+            assert ours[f"lctw_bbh_{task}"] == expected, (profile, task)
+    snarks = ours["lctw_bbh_snarks"][0][0]
+    assert snarks.startswith("Determine which of two sentences is sarcastic.\n\nAccording to Cambridge")
+
+
+def test_parse_bbh_prompt_keeps_a_multi_paragraph_description():
+    description, shots = H.parse_bbh_prompt((OFFICIAL_BBH / "snarks.txt").read_text(encoding="utf-8"))
+    assert description.split("\n\n")[0] == "Determine which of two sentences is sarcastic."
+    assert description.count("\n\n") == 1 and [s["target"] for s in shots] == ["(A)", "(B)", "(A)"]
+    with pytest.raises(ValueError, match="no task description"):
+        H.parse_bbh_prompt("canary\n-----\nQ: x\nA: Let's think step by step. So the answer is y.")

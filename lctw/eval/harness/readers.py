@@ -129,12 +129,16 @@ def parse_bbh_prompt(text: str) -> tuple[str, list[dict]]:
     by step. ... So the answer is X." exemplars, all separated by blank lines. As in lm-eval's generator:
     everything before the last ``-----`` line is dropped, the rest is split at blank lines, the answer is
     what follows the first "answer is " up to the line's last character (the final "."), and the question
-    is what precedes "Let's think step by step.".
+    is what precedes "Let's think step by step.". The description is every paragraph before the first
+    "Q: " one: snarks' has two, which lm-eval's generator would misread as an exemplar (its shipped
+    ``bbh_fewshot_snarks`` and ``bbh_zeroshot_snarks`` YAMLs carry both paragraphs, and so does this).
     """
     head, sep, body = text.replace("\r\n", "\n").rpartition("\n-----\n")
     if not sep:
         raise ValueError("no '-----' line after the canary line")
-    description, *blocks = body.strip("\n").split("\n\n")
+    paragraphs = body.strip("\n").split("\n\n")
+    first = next((i for i, p in enumerate(paragraphs) if p.startswith("Q: ")), len(paragraphs))
+    description, blocks = "\n\n".join(paragraphs[:first]), paragraphs[first:]
     shots = []
     for block in blocks:
         answer = re.search(r"(?<=answer is )(.*)(?=.)", block)
@@ -142,7 +146,7 @@ def parse_bbh_prompt(text: str) -> tuple[str, list[dict]]:
         if answer is None or question is None:
             raise ValueError(f"cannot parse exemplar: {block[:80]!r}")
         shots.append({"input": question.group(1), "target": answer.group(0)})
-    if description.startswith("Q: "):
+    if not description:
         raise ValueError("no task description after the '-----' line")
     return description, shots
 

@@ -15,9 +15,12 @@ reference in everything that moves a score:
   same slot for every sample with the same number of documents. That is an artefact, but published
   scores include it, so it is kept;
 * the haystack sizing of the reference on request (``fit="reference"``: fixed steps, one probe, an
-  overflowing sample drawn anew one step smaller), cross-checked against NVIDIA's ``niah.py``;
-* the chat template of an instruct model (``chat_template="auto"``, the default, applies the
-  tokenizer's template when it has one; the format used is recorded in the results);
+  overflowing sample drawn anew one step smaller), cross-checked against NVIDIA's ``niah.py``. That is
+  the 2024 generator of the paper and its leaderboard; NVIDIA/RULER has sized niah, qa, vt and cwe by
+  binary search since June 2025, which ``fit="exact"`` matches (``config.fit_upstream`` records which);
+* the reference's own model templates (``templates``: ``base``, ``meta-chat``, ``meta-llama3``), which
+  ``chat_template="auto"``, the default, picks for the Llama 2 / 3 models the reference names; other
+  models get the tokenizer's chat template when it has one. The template that ran is recorded;
 * the length budget counts the whole prompt as the evaluated model will see it: chat wrapper (if any),
   BOS, instruction, context and answer prefix, plus the task's tokens to generate.
 
@@ -26,7 +29,7 @@ task, length)``: the reference runs one process per task and length, and its sam
 lengths because its size search uses up a length-dependent number of draws; a derived seed gives the
 same decorrelation (sample i does not reuse its key, value and depth at every length, nor sample 0 the
 key of the other word-keyed NIAH tasks). A dataset depends only on (task, length, tokenizer, seed, chat
-flag, fit) and is byte-identical across runs. It is not byte-identical to the reference's own files:
+template, fit) and is byte-identical across runs. It is not byte-identical to the reference's own files:
 those depend on its random stream and on NLTK's splitter.
 
 Deliberate departures, none of which changes the task a model has to solve:
@@ -36,8 +39,9 @@ Deliberate departures, none of which changes the task a model has to solve:
   fewer units as its excess needs; the reference's fixed steps leave prompts 3-15% shorter at 4k and
   cannot build the essay and QA tasks below about 4k tokens, the lengths this project's tests use;
 * the budget counts BOS when the tokenizer adds one (the reference's count omits it: one token);
-* with a chat template, CWE's worked example becomes a previous user/assistant exchange (the reference
-  pastes a second copy of its model template); VT's example stays inside the user turn, as there;
+* with the tokenizer's chat template, CWE's worked example becomes a previous user/assistant exchange
+  (with RULER's templates it is a second wrapped prompt, as there); VT's example stays inside the user
+  turn, as there;
 * HotpotQA below 10 documents keeps the supporting paragraphs (the reference cannot go that short);
 * VT variable names are always distinct; the sentence splitter is a regex instead of punkt;
 * CWE beyond the ~8.7k distinct wonderwords words (around 128k tokens) needs the reference's
@@ -46,6 +50,7 @@ Deliberate departures, none of which changes the task a model has to solve:
 What is where:
 
 * ``tasks``: the reference's prompt text and the 13 tasks (``TASKS``, ``RulerTask``).
+* ``templates``: the reference's model templates and which one ``chat_template`` picks.
 * ``prompts``: rendering a sample as the model sees it, counting its tokens, the haystack-size search.
 * ``generators``: one generator per task kind (niah, vt, cwe, fwe, qa).
 * ``samples``: ``generate_samples``, a task's dataset at one length.

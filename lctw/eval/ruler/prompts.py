@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lctw.eval.ruler.templates import REFERENCE_TEMPLATES, TEMPLATES, TOKENIZER
 from lctw.eval.ruler_sources import RulerError
 
 
@@ -24,28 +25,39 @@ class Draft:
     shots: list[tuple[str, str]] = field(default_factory=list)  # (user, assistant) worked examples
 
 
-def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
+def encode_prompt(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     """Token ids of a generated ``input`` exactly as the length budget counted them.
 
-    Plain prompts get the tokenizer's special tokens (BOS) added; chat-rendered prompts already contain
-    them as text, so nothing is added (the same convention as ``apply_chat_template(tokenize=True)``).
+    ``add_special_tokens`` is the sample's own field: plain prompts get the tokenizer's BOS added;
+    prompts rendered with a template that writes BOS as text (the tokenizer's chat template, RULER's
+    ``meta-llama3``) get nothing added (the convention of ``apply_chat_template(tokenize=True)``).
     """
-    return tokenizer(text, add_special_tokens=not chat_template, verbose=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
 
 
 class Prompter:
-    """Renders a ``Draft`` for the evaluated model (plain or chat-wrapped) and counts its tokens."""
+    """Renders a ``Draft`` for the evaluated model with one template (``lctw.eval.ruler.templates``) and
+    counts its tokens."""
 
-    def __init__(self, tokenizer, chat_template: bool):
-        if chat_template and not getattr(tokenizer, "chat_template", None):
+    def __init__(self, tokenizer, template: str):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown prompt template {template!r}: choose one of {list(TEMPLATES)}")
+        if template == TOKENIZER and not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat_template=True but the tokenizer has no chat template")
         self.tokenizer = tokenizer
-        self.chat = chat_template
+        self.template = template
+        # BOS exactly once: added by the tokenizer unless the wrapper writes it as text
+        bos = getattr(tokenizer, "bos_token", None)
+        writes_bos = template == TOKENIZER or bool(bos and REFERENCE_TEMPLATES[template].startswith(bos))
+        self.add_special_tokens = not writes_bos
 
     def render(self, draft: Draft) -> str:
-        if not self.chat:
-            shots = "".join(f"{user}{reply}\n" for user, reply in draft.shots)
-            return shots + draft.user + draft.answer_prefix
+        if self.template != TOKENIZER:
+            # As the reference: the worked examples are whole wrapped prompts with their answers, one per
+            # line, before the wrapped prompt (with the base template: plain text).
+            wrap = REFERENCE_TEMPLATES[self.template]
+            shots = "".join(f"{wrap.format(task_template=user)}{reply}\n" for user, reply in draft.shots)
+            return shots + wrap.format(task_template=draft.user) + draft.answer_prefix
         messages = []
         for user, reply in draft.shots:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
@@ -55,7 +67,7 @@ class Prompter:
         return wrapped + draft.answer_prefix
 
     def count(self, text: str) -> int:
-        return len(encode_prompt(self.tokenizer, text, self.chat))
+        return len(encode_prompt(self.tokenizer, text, self.add_special_tokens))
 
 
 # --- Fitting the haystack to the token budget -------------------------------------------------------

@@ -15,8 +15,9 @@ from typing import Any
 from lctw.eval.generate import left_padded
 from lctw.eval.metrics import METRICS, postprocess_pred
 from lctw.eval.ruler.prompts import encode_prompt
-from lctw.eval.ruler.samples import generate_samples
+from lctw.eval.ruler.samples import FIT_UPSTREAM, generate_samples
 from lctw.eval.ruler.tasks import TASKS
+from lctw.eval.ruler.templates import describe, resolve_template
 from lctw.eval.ruler_sources import RulerError
 
 
@@ -38,15 +39,6 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
-def resolve_chat_template(chat_template: bool | str, tokenizer) -> bool:
-    """``auto`` -> whether the tokenizer has a chat template; ``True`` / ``False`` as given."""
-    if chat_template == "auto":
-        return bool(getattr(tokenizer, "chat_template", None))
-    if chat_template not in (True, False):
-        raise ValueError(f"chat_template={chat_template!r} is not allowed: choose auto, true or false")
-    return chat_template
-
-
 def run_ruler(
     model,
     tokenizer,
@@ -62,10 +54,14 @@ def run_ruler(
 ) -> dict:
     """Generate RULER data, decode greedily with the KV cache, and score every task x length.
 
-    ``chat_template``: ``auto`` wraps prompts in the tokenizer's chat template when it has one (RULER
-    applies an instruct model's template), ``True`` requires one, ``False`` sends plain prompts. The
-    format used is printed and recorded in ``config`` (``chat_template``, ``prompt_format``). ``fit`` is
-    how haystacks are sized (``generate_samples``: ``exact`` or the reference's ``reference``).
+    ``chat_template``: ``auto`` takes RULER's own template for a model RULER names (Llama 2 / 3, chat or
+    base, by the model's or the tokenizer's name), else the tokenizer's chat template when it has one;
+    ``True`` requires the tokenizer's, ``False`` sends plain prompts, and ``base`` / ``meta-chat`` /
+    ``meta-llama3`` choose one of RULER's (``lctw.eval.ruler.templates``). The template that ran is
+    printed and recorded in ``config`` (``template``, ``template_reason``, ``prompt_format``,
+    ``chat_template``: whether prompts were wrapped). ``fit`` is how haystacks are sized
+    (``generate_samples``: ``exact`` or the reference's ``reference``); ``config.fit_upstream`` says
+    which NVIDIA/RULER generator that matches, so which published tables a score stands next to.
 
     Returns a dict with ``scores`` {task: {length: score}}, ``average`` {length: mean over the tasks
     that ran at that length}, ``errors`` {task: {length: message}} for tasks that could not be generated
@@ -80,9 +76,13 @@ def run_ruler(
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise KeyError(f"unknown RULER tasks {unknown}")
-    chat = resolve_chat_template(chat_template, tokenizer)
-    prompt_format = "chat template" if chat else "plain text (no chat template)"
-    print(f"RULER prompt format: {prompt_format} (chat_template={chat_template}); haystack fit: {fit}")
+    if fit not in FIT_UPSTREAM:
+        raise ValueError(f"fit={fit!r} is not allowed: choose one of {list(FIT_UPSTREAM)}")
+    model_name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    template, reason = resolve_template(chat_template, tokenizer, model_name)
+    prompt_format = describe(template)
+    print(f"RULER prompt format: {prompt_format} (chat_template={chat_template}: {reason}); "
+          f"haystack fit: {fit}, as {FIT_UPSTREAM[fit]}")
     results: dict[str, Any] = {
         "scores": {},
         "average": {},
@@ -94,10 +94,13 @@ def run_ruler(
             lengths=lengths,
             num_samples=num_samples,
             seed=seed,
-            chat_template=chat,
+            chat_template=template != "base",
             chat_template_setting=chat_template,
+            template=template,
+            template_reason=reason,
             prompt_format=prompt_format,
             fit=fit,
+            fit_upstream=FIT_UPSTREAM[fit],
             batch_size=batch_size,
         ),
     }
@@ -117,7 +120,7 @@ def run_ruler(
                         length,
                         num_samples,
                         seed=seed,
-                        chat_template=chat,
+                        chat_template=template,
                         data_dir=data_dir,
                         fit=fit,
                     )
@@ -129,7 +132,7 @@ def run_ruler(
                 preds = []
                 for start in range(0, len(samples), batch_size):
                     batch = samples[start : start + batch_size]
-                    ids = [encode_prompt(tokenizer, s["input"], chat) for s in batch]
+                    ids = [encode_prompt(tokenizer, s["input"], s["add_special_tokens"]) for s in batch]
                     with torch.inference_mode():
                         preds += _generate_batch(model, tokenizer, ids, spec.max_new_tokens)
                     bar.update(len(batch))

@@ -15,6 +15,12 @@ units become text. Two ways to fit (``fit``):
   tasks (500 words, 10 documents), which then report that they do not fit: the reason ``exact`` is the
   default for the short lengths this project's runs use.
 
+Two upstream versions (issue 19): NVIDIA/RULER replaced its fixed-step search by a binary search for the
+haystack size in June 2025 (niah, qa, vt and cwe). ``reference`` reproduces the 2024 generator, the one
+behind the RULER paper and its public leaderboard; current upstream picks the largest haystack that
+fits, as ``exact`` does (by binary search there, by interpolation to within 0.1% here). ``FIT_UPSTREAM``
+says which, and the runner records it with the results (``config.fit_upstream``).
+
 Each (task, length) draws from its own ``random.Random`` seeded by ``sample_seed`` (the run's seed, the
 task and the length): the reference runs one process per task and length, whose draws differ because its
 size search uses up a length-dependent number of them; a derived seed decorrelates the samples of
@@ -31,9 +37,17 @@ from pathlib import Path
 from lctw.eval.ruler.generators import make_generator
 from lctw.eval.ruler.prompts import Prompter, clone_rng, search_units
 from lctw.eval.ruler.tasks import TASKS
+from lctw.eval.ruler.templates import TOKENIZER
 from lctw.eval.ruler_sources import RulerError
 
 FITS = ("exact", "reference")
+# Which NVIDIA/RULER generator a fit sizes haystacks like, recorded with every result (config.fit_upstream).
+FIT_UPSTREAM = {
+    "reference": "NVIDIA/RULER before June 2025 (fixed-step haystack search): the sizing of the RULER paper's "
+                 "tables and its public leaderboard; compare with those",
+    "exact": "NVIDIA/RULER since June 2025 (binary haystack search for niah, qa, vt and cwe): the largest haystack "
+             "that fits; not the sizing of the RULER paper or its leaderboard (use fit=reference for those)",
+}
 
 
 def sample_seed(seed: int, task: str, length: int) -> int:
@@ -47,17 +61,20 @@ def generate_samples(
     length: int,
     num_samples: int,
     seed: int = 42,
-    chat_template: bool = False,
+    chat_template: bool | str = False,
     data_dir: str | Path | None = None,
     fit: str = "exact",
 ) -> list[dict]:
     """Generate ``num_samples`` RULER samples of ``task`` sized for ``length`` tokens of ``tokenizer``.
 
-    Each sample has ``input`` (the full prompt: chat wrapper if ``chat_template``, instruction, context,
-    question and answer prefix), ``outputs`` (reference strings), ``length`` (tokens of ``input`` as
-    ``encode_prompt`` counts them), ``max_new_tokens`` and ``answer_prefix``; a sample's
-    ``length + max_new_tokens`` never exceeds the ``length`` asked for. ``fit`` is ``exact`` or
-    ``reference`` (see the module). Raises ``MissingDataError`` if a data source is not installed and
+    ``chat_template`` is the wrapper: ``True`` (or ``"tokenizer"``) the tokenizer's chat template,
+    ``False`` none (RULER's ``base``), or the name of one of RULER's templates
+    (``lctw.eval.ruler.templates``). Each sample has ``input`` (the full prompt: wrapper, instruction,
+    context, question and answer prefix), ``outputs`` (reference strings), ``length`` (tokens of
+    ``input`` as ``encode_prompt`` counts them, with the sample's ``add_special_tokens``), ``template``,
+    ``max_new_tokens`` and ``answer_prefix``; a sample's ``length + max_new_tokens`` never exceeds the
+    ``length`` asked for. ``fit`` is ``exact`` or ``reference`` (see the module). Raises
+    ``MissingDataError`` if a data source is not installed and
     ``RulerError`` if the length is too short for the task.
     """
     if task not in TASKS:
@@ -65,7 +82,8 @@ def generate_samples(
     if fit not in FITS:
         raise ValueError(f"fit={fit!r} is not allowed: choose one of {list(FITS)}")
     spec = TASKS[task]
-    prompter = Prompter(tokenizer, chat_template)
+    template = {True: TOKENIZER, False: "base"}.get(chat_template, chat_template)
+    prompter = Prompter(tokenizer, template)
     rng = random.Random(sample_seed(seed, task, length))
     gen = make_generator(spec, length, seed, data_dir)
     gen.prepare(prompter, rng)
@@ -83,7 +101,8 @@ def generate_samples(
                 "answer_prefix": draft.answer_prefix,
                 "target_length": length,
                 "num_units": n,
-                "add_special_tokens": not chat_template,
+                "add_special_tokens": prompter.add_special_tokens,
+                "template": template,
             }
         )
     return samples
