@@ -191,3 +191,38 @@ def test_train_fsdp_on_two_ranks_resumes_and_consolidates(cache_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported, consolidated = load_file(run_dir / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(exported[k], consolidated[k]) for k in exported)
+
+
+@pytest.mark.parametrize(("env", "devices", "receives"), [
+    ({"RANK": "1"}, 1, False),  # a stray RANK in the shell: one process is rank 0
+    ({"RANK": "1", "SLURM_PROCID": "1", "LOCAL_RANK": "1"}, 1, False),  # whatever the environment says
+    ({"RANK": "1"}, 2, False),  # RANK without torchrun's other variables is not torchrun's
+    ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, 2, True),  # the second process Lightning starts
+    ({"RANK": "1", "GROUP_RANK": "0", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, 2, True),  # torchrun
+    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_JOB_NAME": "train"}, 2, True),  # srun
+])
+def test_only_a_non_zero_rank_of_several_builds_theta_without_weights(monkeypatch, env, devices, receives):
+    from lctw.training.distributed import receives_weights
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID",
+                "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose(["trainer=fsdp", "trainer.accelerator=cpu", f"trainer.devices={devices}"])
+    assert receives_weights(cfg.trainer) is receives
+
+
+def test_a_stray_rank_leaves_a_single_process_fsdp_run_intact(hf_model, cache_dir, tmp_path, one_process_group,
+                                                              monkeypatch):
+    """``RANK=1`` exported in the shell of a one-process trainer=fsdp run: θ must still be built with its
+    weights (it used to be built on the meta device, with no rank to send it any: a diverged validation)."""
+    import math
+
+    monkeypatch.setenv("RANK", "1")
+    overrides = [*RUN, "model=hf", f"model.name_or_path={hf_model}", "model.gradient_checkpointing=false",
+                 "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=1",
+                 "trainer.accumulate_grad_batches=1", "checkpoint_every=1", "trainer.val_check_interval=1",
+                 "trainer.limit_val_batches=1", "logger=none", "callbacks=none"]
+    metrics = train(compose(overrides, cache=cache_dir), run_dir=tmp_path)
+    assert math.isfinite(metrics["val/ce_before"]) and math.isfinite(metrics["val/ce"])
