@@ -124,7 +124,8 @@ def test_slurm_launcher_refuses_all_gpus_before_submitting(trainer):
     with pytest.raises(InterpolationResolutionError, match=r"ConfigError .*trainer\.devices=(-1|auto) with "
                        r"hydra/launcher=slurm: .*hydra\.launcher\.tasks_per_node.*allowed an int >= 1"):
         instantiate(cfg.hydra.launcher)
-    cfg = _hydra_compose(["hydra/launcher=slurm", *trainer.split(), "trainer.devices=4", "hydra.launcher.partition=gpu"])
+    cfg = _hydra_compose(["hydra/launcher=slurm", *trainer.split(), "trainer.devices=4",
+                          "hydra.launcher.partition=gpu"])
     params = instantiate(cfg.hydra.launcher).params
     assert (params["tasks_per_node"], params["gpus_per_node"]) == (4, 4)
 
