@@ -2,6 +2,7 @@
 checkpoints, started again with the same command (same run directory), and ends with the weights and
 metrics of an uninterrupted run, bitwise on the CPU."""
 
+import csv
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 from conftest import ROOT, SMALL
 from safetensors.torch import load_file
@@ -19,13 +21,13 @@ RUN = [*SMALL, "weighting=sparse", "trainer.max_steps=8", "trainer.val_check_int
 TIMING = ("train/tokens_per_s",)  # wall-clock rates differ between any two runs
 
 
-def train(run_dir, cache_dir, *extra):
+def train(run_dir, cache_dir, *extra, run=RUN):
     # WANDB_SERVICE: earlier in-process tests started a W&B service whose address wandb exports; a job
     # started afresh (a requeued SLURM job) has its own, so the subprocess must not share pytest's
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     env.update(PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), OMP_NUM_THREADS="1",
                WANDB_MODE="offline")
-    cmd = [sys.executable, "train.py", *RUN, f"paths.cache={cache_dir}", f"hydra.run.dir={run_dir}", *extra]
+    cmd = [sys.executable, "train.py", *run, f"paths.cache={cache_dir}", f"hydra.run.dir={run_dir}", *extra]
     # a session of its own: the injected SIGKILL takes down the run's whole process group, not pytest
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -71,3 +73,57 @@ def test_sigkill_between_checkpoints_then_the_same_command_resumes_exactly(cache
     # the same W&B run continues: one run id in the run directory
     ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "resumed/wandb").glob("offline-run-*")}
     assert len(ids) == 1, ids
+
+
+# the same run logged to metrics.csv at every step (logger=csv: the base stage's and the miniature study's)
+CSV_RUN = [*(o for o in RUN if not o.startswith("logger.")), "logger=csv", "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def whole_csv(cache_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("whole-csv")
+    proc = train(run_dir, cache_dir, run=CSV_RUN)
+    assert proc.returncode == 0, proc.stderr_text[-3000:]
+    return run_dir
+
+
+def history(run_dir):
+    """metrics.csv's rows without the wall-clock rates."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def same_weights(a, b):
+    a, b = load_file(a / "hf/model.safetensors"), load_file(b / "hf/model.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_runs_csv_history_is_the_uninterrupted_runs(whole_csv, cache_dir, tmp_path):
+    """Lightning's CSV logger deleted metrics.csv when it reopened the run directory: after a SIGKILL and
+    the automatic resume the history started at the checkpoint. Now the rows logged before the checkpoint
+    stay, those logged after it and before the kill are replaced (not duplicated)."""
+    crash = ["+callbacks.crash._target_=toy_parts.Crash", "+callbacks.crash.step=6"]
+    killed = train(tmp_path, cache_dir, *crash, run=CSV_RUN)
+    assert killed.returncode == -signal.SIGKILL
+    assert max(int(r["step"]) for r in history(tmp_path)) >= 4  # rows after the step-4 checkpoint were logged
+    again = train(tmp_path, cache_dir, run=CSV_RUN)
+    assert again.returncode == 0, again.stderr_text[-3000:]
+    assert "will be deleted" not in again.stderr_text
+    assert history(tmp_path) == history(whole_csv)  # every step once, the values of the uninterrupted run
+    assert same_weights(tmp_path, whole_csv)
+
+
+def test_slurms_warning_signal_saves_at_the_next_step_and_the_requeued_run_loses_none(whole_csv, cache_dir,
+                                                                                       tmp_path):
+    """USR2 (what SLURM sends before a time limit or a preemption) arrives in the middle of step 6, two steps
+    after the step-4 checkpoint: last.ckpt is written at the end of step 6 and the process then ends as
+    the signal says (submitit's handler would requeue it). The restarted run continues from step 6, with
+    the uninterrupted run's weights and history."""
+    usr2 = ["+callbacks.usr2._target_=toy_parts.Signal", "+callbacks.usr2.batch=5"]  # batch 5 is step 6
+    signalled = train(tmp_path, cache_dir, *usr2, run=CSV_RUN)
+    assert signalled.returncode == -signal.SIGUSR2, signalled.stderr_text[-3000:]
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 6
+    again = train(tmp_path, cache_dir, run=CSV_RUN)
+    assert again.returncode == 0, again.stderr_text[-3000:]
+    assert same_weights(tmp_path, whole_csv)
+    assert history(tmp_path) == history(whole_csv)
