@@ -121,9 +121,54 @@ def test_slurms_warning_signal_saves_at_the_next_step_and_the_requeued_run_loses
     the uninterrupted run's weights and history."""
     usr2 = ["+callbacks.usr2._target_=toy_parts.Signal", "+callbacks.usr2.batch=5"]  # batch 5 is step 6
     signalled = train(tmp_path, cache_dir, *usr2, run=CSV_RUN)
-    assert signalled.returncode == -signal.SIGUSR2, signalled.stderr_text[-3000:]
+    assert signalled.returncode == 128 + signal.SIGUSR2, signalled.stderr_text[-3000:]  # as a shell reports it
     assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 6
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "running"  # to be requeued, not failed
     again = train(tmp_path, cache_dir, run=CSV_RUN)
     assert again.returncode == 0, again.stderr_text[-3000:]
     assert same_weights(tmp_path, whole_csv)
     assert history(tmp_path) == history(whole_csv)
+
+
+def test_the_warning_signal_goes_on_to_the_handler_installed_before(tmp_path):
+    """submitit's handler (here one that records its calls and returns, as submitit's does on ranks other
+    than 0) is called once, after the checkpoint of the step the signal arrived in; until then the signal
+    only marks the step. A handler that returns lets training go on, and it is restored after fit."""
+    import lightning as L
+    from conftest import tiny_llama
+    from torch.utils.data import DataLoader
+
+    from lctw.data import collate
+    from lctw.method.scorers import SelfScorer
+    from lctw.method.weighting import Dense
+    from lctw.training.module import TokenWeightingLM
+    from lctw.training.preemption import RequeueCheckpoint
+
+    calls = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:  # step 2 is batches 2 and 3 (2 accumulated): its first micro-batch ends mid-step
+                os.kill(os.getpid(), signal.SIGUSR2)
+                calls.append(("signalled", trainer.global_step))
+
+    def submitit(signum, frame):
+        last = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)
+        calls.append(("handler", signum, last["global_step"]))
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.cat([torch.ones(1, dtype=torch.long), torch.randint(3, 64, (15,), generator=g)]),
+             "length": 16} for _ in range(6)]
+    module = TokenWeightingLM(tiny_llama(layers=1).train(), SelfScorer(n=8, max_len=16), Dense(0.5), n=8,
+                              optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                        callbacks=[Probe(), RequeueCheckpoint()], enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path))
+    previous = signal.signal(signal.SIGUSR2, submitit)
+    try:
+        trainer.fit(module, train_dataloaders=DataLoader(rows, batch_size=1, collate_fn=collate))
+        assert signal.getsignal(signal.SIGUSR2) is submitit  # restored after fit
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == [("signalled", 1), ("handler", signal.SIGUSR2, 2)]  # saved at the end of step 2, not mid-step
+    assert trainer.global_step == 3  # the handler returned: training went on

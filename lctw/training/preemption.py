@@ -15,8 +15,9 @@ again. :class:`RequeueCheckpoint` (``conf/callbacks/default.yaml``) takes the si
 * once that step is logged (and validated, if a validation is due: the resumed run repeats neither), the
   signal goes where it would have gone: to the handler that was installed before (submitit's: rank
   0 requeues the job and exits, the other ranks return and are ended with the job), or, where there was
-  none, to the signal's default action (the process ends, killed by the signal). A handler that returns
-  lets training go on.
+  none, the process ends as the signal's default action would, through ``SystemExit`` (status 128 + the
+  signal's number) so that Lightning and the loggers finish writing. A handler that returns lets training
+  go on.
 
 A signal ignored (``SIG_IGN``) before training starts stays ignored.
 """
@@ -24,7 +25,6 @@ A signal ignored (``SIG_IGN``) before training starts stays ignored.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
@@ -104,8 +104,10 @@ class RequeueCheckpoint(Checkpoint):
             previous(self.signum, None)  # submitit: rank 0 requeues and exits; other ranks return
             signal.signal(self.signum, self._note)  # it returned: training goes on, still watching
             self._previous = previous
-        else:  # SIG_DFL: the default action, here and now (for USR1/USR2/TERM: the process ends)
-            os.kill(os.getpid(), self.signum)
+        else:  # SIG_DFL: USR1, USR2 and TERM end the process; by SystemExit, with the status a shell gives a
+            # process the signal ended, so that Lightning and the loggers finish (W&B's service loses what it
+            # has not written when its process is killed)
+            raise SystemExit(128 + self.signum)
 
     def _restore(self):
         previous, self._previous = self._previous, None
