@@ -270,7 +270,7 @@ def whole_two_ranks(cache_dir, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.slow  # about 3 minutes on 2 loaded cores: 3 commands of 2 ranks (the uninterrupted one shared)
+@pytest.mark.slow  # 67 s on 2 loaded cores (2 commands of 2 ranks), plus 46 s for the shared uninterrupted run
 def test_two_ranks_killed_mid_epoch_resume_on_the_rows_they_had_not_seen(whole_two_ranks, cache_dir, tmp_path):
     """A 2-rank trainer=fsdp run SIGKILLed at step 3 (after the step-2 checkpoint, well inside the first
     epoch) and resumed: each rank trains steps 3-6 on exactly the rows the uninterrupted run trains them on
@@ -288,7 +288,7 @@ def test_two_ranks_killed_mid_epoch_resume_on_the_rows_they_had_not_seen(whole_t
     assert _same_weights(tmp_path, whole_two_ranks)
 
 
-@pytest.mark.slow  # about 2 minutes on 2 loaded cores: 2 commands of 2 ranks (the uninterrupted one shared)
+@pytest.mark.slow  # 67 s on 2 loaded cores (2 commands of 2 ranks), plus the shared uninterrupted run
 def test_two_ranks_save_together_at_the_step_after_the_warning_signal(whole_two_ranks, cache_dir, tmp_path):
     """USR2 reaches rank 0 only, in the middle of step 5 (one step after the step-4 checkpoint): both ranks
     agree at the end of step 5, save the sharded last.ckpt together, and end as the signal says; the
