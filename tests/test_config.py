@@ -15,6 +15,7 @@ from lctw.config import TRAIN_KEYS, check_keys, check_trainer
 from lctw.config import validate as build_parts
 from lctw.runs import loggers
 from lctw.training.callbacks import TokenWeights
+from lctw.training.preemption import RequeueCheckpoint
 
 # Files starting with "_" hold keys shared by a group's options through `defaults:`; they are not options.
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml") if not f.stem.startswith("_"))
@@ -84,7 +85,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
                                                                       "devices": 1, "strategy": "auto"}
     instantiate(cfg.trainer, **trainer_overrides, logger=False, enable_progress_bar=False)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
-    assert all(isinstance(c, (ModelCheckpoint, TQDMProgressBar, TokenWeights)) for c in callbacks)
+    assert all(isinstance(c, (ModelCheckpoint, TQDMProgressBar, TokenWeights, RequeueCheckpoint)) for c in callbacks)
     logger = instantiate(cfg.logger, _partial_=True)(save_dir=str(tmp_path), name="t", group=None,
                                                      hparams={"a": 1})
     loggers.finish()

@@ -134,3 +134,31 @@ def test_epoch_sampler_gives_the_shuffling_data_loaders_order_in_every_epoch():
         assert [b.tolist() for b in ours] == [b.tolist() for b in reference], epoch
     sampler.resume(1, 3)
     assert list(sampler) == sampler.order(1)[3:] and list(sampler) == sampler.order(2)  # skipped once
+
+
+def test_epoch_sampler_shares_each_step_out_over_the_ranks_and_resumes_on_each():
+    """On 2 ranks x 2 rows each step trains on the rows 1 rank x 4 trains on (any world size, the same
+    global batch); a rank resumed after k batches goes on with exactly the rows it had not seen. Lightning
+    leaves it alone (a DistributedSampler): it wrapped any other sampler in one that shuffled it again
+    and restarted the epoch on resume."""
+    from torch.utils.data import DistributedSampler
+
+    from lctw.data import EpochSampler
+
+    n, seed = 11, 3  # 11 rows: the last one is left out on 2 ranks, so both have 5
+    one = list(EpochSampler(n, seed))
+    ranks = [list(EpochSampler(n, seed, rank=r, world_size=2)) for r in range(2)]
+    assert [len(r) for r in ranks] == [5, 5] and len(EpochSampler(n, seed, rank=1, world_size=2)) == 5
+    for step in range(2):  # 2 steps of 4 rows
+        assert sorted(ranks[0][2 * step: 2 * step + 2] + ranks[1][2 * step: 2 * step + 2]) == sorted(
+            one[4 * step: 4 * step + 4])
+    for rank in range(2):
+        resumed = EpochSampler(n, seed, rank=rank, world_size=2)
+        resumed.resume(0, 2)  # 1 batch of 2 rows trained before the interruption
+        assert list(resumed) == ranks[rank][2:]
+        following = EpochSampler(n, seed, rank=rank, world_size=2)
+        following.set_epoch(1)
+        assert list(resumed) == list(following)  # the skip applies once; the next epoch is whole
+    assert isinstance(EpochSampler(n, seed), DistributedSampler)
+    with pytest.raises(ValueError, match=r"rank=2 is out of range"):
+        EpochSampler(n, seed, rank=2, world_size=2)

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -209,3 +210,120 @@ def test_train_fsdp_on_two_ranks_resumes_and_consolidates(cache_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported, consolidated = load_file(run_dir / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(exported[k], consolidated[k]) for k in exported)
+
+
+@pytest.mark.parametrize(("env", "devices", "receives"), [
+    ({"RANK": "1"}, 1, False),  # a stray RANK in the shell: one process is rank 0
+    ({"RANK": "1", "SLURM_PROCID": "1", "LOCAL_RANK": "1"}, 1, False),  # whatever the environment says
+    ({"RANK": "1"}, 2, False),  # RANK without torchrun's other variables is not torchrun's
+    ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, 2, True),  # the second process Lightning starts
+    ({"RANK": "1", "GROUP_RANK": "0", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, 2, True),  # torchrun
+    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_JOB_NAME": "train"}, 2, True),  # srun
+])
+def test_only_a_non_zero_rank_of_several_builds_theta_without_weights(monkeypatch, env, devices, receives):
+    from lctw.training.distributed import receives_weights
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID",
+                "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose(["trainer=fsdp", "trainer.accelerator=cpu", f"trainer.devices={devices}"])
+    assert receives_weights(cfg.trainer) is receives
+
+
+def test_a_stray_rank_leaves_a_single_process_fsdp_run_intact(hf_model, cache_dir, tmp_path, one_process_group,
+                                                              monkeypatch):
+    """``RANK=1`` exported in the shell of a one-process trainer=fsdp run: θ must still be built with its
+    weights (it used to be built on the meta device, with no rank to send it any: a diverged validation)."""
+    import math
+
+    monkeypatch.setenv("RANK", "1")
+    overrides = [*RUN, "model=hf", f"model.name_or_path={hf_model}", "model.gradient_checkpointing=false",
+                 "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=1",
+                 "trainer.accumulate_grad_batches=1", "checkpoint_every=1", "trainer.val_check_interval=1",
+                 "trainer.limit_val_batches=1", "logger=none", "callbacks=none"]
+    metrics = train(compose(overrides, cache=cache_dir), run_dir=tmp_path)
+    assert math.isfinite(metrics["val/ce_before"]) and math.isfinite(metrics["val/ce"])
+
+
+TWO_RANKS = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.accumulate_grad_batches=1",
+             "trainer.max_steps=6", "checkpoint_every=2", "trainer.val_check_interval=3", "logger=csv",
+             "trainer.log_every_n_steps=1", "+callbacks.record._target_=toy_parts.RecordBatches"]
+
+
+def _train_two_ranks(cache_dir, run_dir, *extra):
+    """train.py on 2 gloo ranks (Lightning starts the second by re-running the command), in a session of its
+    own: a SIGKILL injected on one rank takes down both, and not pytest."""
+    from conftest import ROOT, SMALL
+
+    cmd = [sys.executable, "train.py", *[o for o in SMALL if not o.startswith("logger.")], *TWO_RANKS,
+           f"paths.cache={cache_dir}", f"hydra.run.dir={run_dir}", *extra]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, start_new_session=True)
+
+
+def _batches(run_dir):
+    """Per rank: step -> the rows trained on at that step (the last time it was trained: after a resume)."""
+    out = []
+    for rank in range(2):
+        with open(run_dir / f"batches-rank{rank}.jsonl") as f:
+            out.append({r["step"]: r["rows"] for r in map(json.loads, f)})
+    return out
+
+
+def _same_weights(a, b):
+    from safetensors.torch import load_file
+
+    a, b = load_file(a / "hf" / "model.safetensors"), load_file(b / "hf" / "model.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def whole_two_ranks(cache_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("whole-two-ranks")
+    proc = _train_two_ranks(cache_dir, run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow  # 67 s on 2 loaded cores (2 commands of 2 ranks), plus 46 s for the shared uninterrupted run
+def test_two_ranks_killed_mid_epoch_resume_on_the_rows_they_had_not_seen(whole_two_ranks, cache_dir, tmp_path):
+    """A 2-rank trainer=fsdp run SIGKILLed at step 3 (after the step-2 checkpoint, well inside the first
+    epoch) and resumed: each rank trains steps 3-6 on exactly the rows the uninterrupted run trains them on
+    (every rank used to replay the epoch from its start), and the final weights are equal."""
+    crash = ["+callbacks.crash._target_=toy_parts.Crash", "+callbacks.crash.step=3"]
+    killed = _train_two_ranks(cache_dir, tmp_path, *crash)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert torch.load(tmp_path / "checkpoints/last.ckpt/meta.pt", weights_only=True)["global_step"] == 2
+    again = _train_two_ranks(cache_dir, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    whole, resumed = _batches(whole_two_ranks), _batches(tmp_path)
+    assert all(sorted(w) == list(range(1, 7)) for w in whole)
+    assert resumed == whole  # steps 3-6 as retrained after the resume, steps 1-2 from before the kill
+    assert whole[0][1] != whole[1][1]  # the ranks share the step out
+    assert _same_weights(tmp_path, whole_two_ranks)
+
+
+@pytest.mark.slow  # 67 s on 2 loaded cores (2 commands of 2 ranks), plus the shared uninterrupted run
+def test_two_ranks_save_together_at_the_step_after_the_warning_signal(whole_two_ranks, cache_dir, tmp_path):
+    """USR2 reaches rank 0 only, in the middle of step 5 (one step after the step-4 checkpoint): both ranks
+    agree at the end of step 5, save the sharded last.ckpt together, and end as the signal says; the
+    restarted run loses no step and ends with the uninterrupted run's weights, batches and history."""
+    import csv
+
+    usr2 = ["+callbacks.usr2._target_=toy_parts.Signal", "+callbacks.usr2.batch=4", "+callbacks.usr2.rank=0"]
+    signalled = _train_two_ranks(cache_dir, tmp_path, *usr2)
+    assert signalled.returncode == 128 + signal.SIGUSR2, signalled.stderr[-3000:]  # ended as the signal says
+    assert torch.load(tmp_path / "checkpoints/last.ckpt/meta.pt", weights_only=True)["global_step"] == 5
+    again = _train_two_ranks(cache_dir, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _batches(tmp_path) == _batches(whole_two_ranks)
+    assert _same_weights(tmp_path, whole_two_ranks)
+
+    def history(run_dir):
+        with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+            return [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in csv.DictReader(f)]
+
+    assert history(tmp_path) == history(whole_two_ranks)

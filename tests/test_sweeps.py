@@ -114,6 +114,22 @@ def test_slurm_launcher_renders_the_sbatch_script(tmp_path):
     assert _hydra_compose(["hydra/launcher=slurm", "hydra.launcher.partition=p"]).hydra.launcher.nodes == 1
 
 
+@pytest.mark.parametrize("trainer", ["trainer=ddp", "trainer=fsdp", "trainer=gpu trainer.devices=auto"])
+def test_slurm_launcher_refuses_all_gpus_before_submitting(trainer):
+    """trainer=ddp and trainer=fsdp default to devices=-1 (every GPU), which rendered ``--ntasks-per-node=-1``:
+    the launcher's parameters are resolved when Hydra instantiates it, before anything is submitted."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    cfg = _hydra_compose(["hydra/launcher=slurm", *trainer.split(), "hydra.launcher.partition=gpu"])
+    with pytest.raises(InterpolationResolutionError, match=r"ConfigError .*trainer\.devices=(-1|auto) with "
+                       r"hydra/launcher=slurm: .*hydra\.launcher\.tasks_per_node.*allowed an int >= 1"):
+        instantiate(cfg.hydra.launcher)
+    cfg = _hydra_compose(["hydra/launcher=slurm", *trainer.split(), "trainer.devices=4",
+                          "hydra.launcher.partition=gpu"])
+    params = instantiate(cfg.hydra.launcher).params
+    assert (params["tasks_per_node"], params["gpus_per_node"]) == (4, 4)
+
+
 def test_submitit_local_launcher_composes():
     cfg = _hydra_compose(["hydra/launcher=submitit_local"])
     launcher = instantiate(cfg.hydra.launcher)

@@ -5,8 +5,10 @@ Each is one class here plus one YAML in a config directory given to train.py wit
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import signal as signal_module
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -67,3 +69,25 @@ class Crash(Callback):
             if self.how == "kill":
                 os.killpg(os.getpgid(0), signal.SIGKILL)
             raise RuntimeError(f"injected crash at step {self.step}")
+
+
+class Signal(Callback):
+    """Fault injection: send ``signal`` (a name without SIG) to this process when batch ``batch`` starts, i.e.
+    in the middle of a step, as SLURM's warning arrives; ``rank``: only on that rank (null: on every rank)."""
+
+    def __init__(self, batch: int, signal: str = "USR2", rank: int | None = None):
+        self.batch, self.signum, self.rank = batch, getattr(signal_module, f"SIG{signal}"), rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.batch and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), self.signum)
+
+
+class RecordBatches(Callback):
+    """Appends each training batch's step and rows (their first token ids after BOS) to
+    ``<run dir>/batches-rank<r>.jsonl``: what each rank trained on, step by step, across restarts."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        path = os.path.join(trainer.default_root_dir, f"batches-rank{trainer.global_rank}.jsonl")
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "rows": batch["input_ids"][:, 1:9].tolist()}) + "\n")

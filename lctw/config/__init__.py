@@ -50,6 +50,7 @@ from lctw.config.runtime import (
     check_scheduler,
     check_trainer,
     ranks,
+    slurm_tasks,
 )
 from lctw.config.types import (
     ConfigError,
@@ -87,6 +88,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_token", run_token, use_cache=True)
     if not OmegaConf.has_resolver("accumulation"):  # the paper's 16 sequences per step on any number of GPUs
         OmegaConf.register_new_resolver("accumulation", accumulation)
+    if not OmegaConf.has_resolver("slurm_tasks"):  # SLURM's tasks per node, refused for devices=-1 before submitting
+        OmegaConf.register_new_resolver("slurm_tasks", slurm_tasks)
 
 
 _register_resolvers()

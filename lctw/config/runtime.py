@@ -33,6 +33,17 @@ def ranks(devices, num_nodes) -> int:
     return per_node * int(num_nodes or 1)
 
 
+def slurm_tasks(devices) -> int:
+    """``${slurm_tasks:${trainer.devices}}`` (``conf/hydra/launcher/slurm.yaml``): tasks (= GPUs) per node, which
+    sbatch fixes before the job starts, on a node the submitting machine has not seen."""
+    if devices in (-1, "-1", "auto") or ranks(devices, 1) < 1:
+        raise ConfigError(f"trainer.devices={devices} with hydra/launcher=slurm: sbatch needs the tasks per node "
+                          "(hydra.launcher.tasks_per_node and gpus_per_node, one task per GPU) before the job starts, "
+                          "and -1/auto would count the GPUs of a node not yet allocated; allowed an int >= 1, the GPUs "
+                          "per node (e.g. trainer.devices=8)")
+    return ranks(devices, 1)
+
+
 def accumulation(global_batch: int, batch_size: int, devices, num_nodes) -> int:
     """``${accumulation:${global_batch},${data.batch_size},${trainer.devices},${trainer.num_nodes}}``:
     the gradient accumulation that makes a step ``global_batch`` sequences, batch_size × ranks × accumulation."""

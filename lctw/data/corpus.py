@@ -31,14 +31,13 @@ import json
 import os
 import random
 import re
-import warnings
 from pathlib import Path
 
 import datasets
 import lightning as L
 import pyarrow
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lctw.data.facts import Facts
 
@@ -286,13 +285,10 @@ class LongDocuments(L.LightningDataModule):
         self.train_set = datasets.concatenate_datasets([self.train_set, columns], axis=1).with_format("torch")
 
     def train_dataloader(self):
-        sampler = EpochSampler(len(self.train_set), self.seed)
-        if self._resume and self.trainer is not None and self.trainer.world_size > 1:
-            # Lightning shards this sampler across ranks (DistributedSamplerWrapper), which a skipped prefix
-            # would break: the weights and optimizer resume exactly, the data restarts its epoch (issue 9)
-            warnings.warn("resuming on several devices: the data order restarts the interrupted epoch "
-                          "(the exact data position is restored on one device only)", stacklevel=1)
-        elif self._resume:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochSampler(len(self.train_set), self.seed, rank=rank, world_size=world)
+        if self._resume:  # the batches each rank has trained on in the interrupted epoch (the same on every rank)
             sampler.resume(self._resume["epoch"], self._resume["batches"] * self.batch_size)
         self._resume = None
         # the loader's own generator only seeds its workers; the order is the sampler's
@@ -316,20 +312,31 @@ class LongDocuments(L.LightningDataModule):
                           num_workers=self.num_workers)
 
 
-class EpochSampler(Sampler[int]):
-    """The shuffled order as a function of (seed, epoch), so a resumed run sees the batches it has not seen.
+class EpochSampler(DistributedSampler):
+    """The shuffled order as a function of (seed, epoch), shared out over the ranks, so a resumed run sees
+    exactly the rows it has not seen, on any number of ranks.
 
     The order is exactly the one ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``
     gives in its e-th epoch (each epoch the loader draws its workers' base seed from that generator, then
     the permutation, and torch's sampler draws one more permutation when the epoch is exhausted), when the
     loader is iterated epoch after epoch (tested over 3 epochs). Inside Lightning the first epoch's batches
     are those of earlier runs (the default run is unchanged); later epochs differ from them.
-    ``resume(epoch, rows)`` skips the first ``rows`` of that epoch once; Lightning calls ``set_epoch`` at
-    every epoch start.
+
+    On ``world_size`` ranks, rank r takes every world_size-th row of that order from the r-th (the order is
+    first cut to a multiple of world_size rows, so every rank has as many batches). The rows of an
+    optimizer step are then the same set for any number of ranks at the same global batch.
+    ``resume(epoch, rows)`` skips the first ``rows`` of this rank's share of that epoch once; Lightning calls
+    ``set_epoch`` at every epoch start.
+
+    A :class:`~torch.utils.data.DistributedSampler` only by type: Lightning wraps any other sampler in one
+    of its own when there are several ranks, which shuffles the order again with its own seed and shards it
+    without the resume point (every resumed rank replayed the interrupted epoch from its start).
     """
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is out of range: allowed 0 <= rank < world_size ({world_size})")
+        self.n, self.seed, self.epoch, self.rank, self.world_size = n, seed, 0, rank, world_size
         self._skip: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -339,6 +346,7 @@ class EpochSampler(Sampler[int]):
         self.epoch, self._skip = epoch, (epoch, rows)
 
     def order(self, epoch: int) -> list[int]:
+        """The whole epoch's order (every rank's rows)."""
         g = torch.Generator().manual_seed(self.seed)
         for e in range(epoch + 1):
             torch.empty((), dtype=torch.int64).random_(generator=g)  # the loader's base-seed draw
@@ -348,7 +356,7 @@ class EpochSampler(Sampler[int]):
         return perm.tolist()
 
     def __iter__(self):
-        order = self.order(self.epoch)
+        order = self.order(self.epoch)[: len(self) * self.world_size][self.rank :: self.world_size]
         if self._skip is not None and self._skip[0] == self.epoch:
             order = order[self._skip[1]:]
             self._skip = None
@@ -356,7 +364,7 @@ class EpochSampler(Sampler[int]):
         return iter(order)
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world_size
 
 
 def _not_utf8(paths: list[str]) -> tuple[str, UnicodeDecodeError] | None:

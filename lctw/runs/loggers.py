@@ -25,6 +25,7 @@ Logging never blocks or stops training:
 
 from __future__ import annotations
 
+import csv as _csv
 import functools
 import logging
 import netrc
@@ -32,7 +33,10 @@ import os
 import time
 from pathlib import Path
 
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter as _CSVWriter
+from lightning.fabric.loggers.logger import rank_zero_experiment
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +195,54 @@ def _wandb_logger(mode: str, init_timeout: float, finish_timeout: float, **optio
 
 
 def csv(save_dir: str, name: str, group: str | None, hparams: dict):
-    from lightning.pytorch.loggers import CSVLogger
-
+    """``<save_dir>/csv/metrics.csv``, continued when the run resumes in its directory (:class:`CSVLogger`)."""
     logger = CSVLogger(save_dir=save_dir, name="csv", version="")
     logger.log_hyperparams(hparams)
     return logger
+
+
+class _ContinuedHistory(_CSVWriter):
+    """Lightning's CSV writer, which deletes an existing ``metrics.csv`` when it opens its directory, made to
+    continue it: a resumed run's history must be the uninterrupted run's.
+
+    The rows already on disk are kept up to the first step the resumed process logs; from that step on they
+    are replaced by what it logs. That step is the resume point's: a run resumes at the optimizer step after
+    its checkpoint and logs every step from there on again (rows logged after the checkpoint, before the
+    kill, would otherwise be duplicated), while what was logged at the checkpoint's own step after it was
+    written (that step's training row, a validation at that step) is not logged again (it would be lost if
+    the history were cut at the checkpoint instead). Lightning writes the file at every log call, so the rows
+    on disk are all that was logged before the kill."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._previous: list[dict] | None = None
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self._previous = list(_csv.DictReader(file))
+
+    def save(self) -> None:
+        if self._previous is None or not self.metrics:
+            return super().save()
+        first = min(int(row["step"]) for row in self.metrics)
+        kept = [row for row in self._previous if int(row["step"]) < first]
+        self._previous = None
+        self.metrics_keys = sorted(set(self.metrics_keys).union(*kept, *self.metrics))
+        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            writer = _csv.DictWriter(file, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows([*kept, *self.metrics])
+        self.metrics = []
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's CSV logger whose ``metrics.csv`` survives a resume (:class:`_ContinuedHistory`)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _ContinuedHistory:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedHistory(log_dir=self.log_dir)
+        return self._experiment
 
 
 def none(save_dir: str, name: str, group: str | None, hparams: dict):

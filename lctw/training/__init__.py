@@ -6,6 +6,7 @@
   points call before any model is built.
 * :mod:`.callbacks`    progress, weight diagnostics, token views.
 * :mod:`.distributed`  FSDP2 (``fully_shard``) strategy, sharded checkpoints; :mod:`.consolidate` merges them.
+* :mod:`.preemption`   SLURM's warning signal: every rank saves ``last.ckpt`` at the next step, then requeues.
 
 May import everything below it (method, models, data, cache, config, runs); nothing imports it except the
 entry points, :mod:`lctw.cache.fill` and :mod:`lctw.tools`.

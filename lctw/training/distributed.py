@@ -181,13 +181,41 @@ def _load_sharded(path: Path, model, optimizers, weights_only: bool | None) -> d
 
 def receives_weights(trainer_cfg) -> bool:
     """Whether this process builds θ and θ' without weights (meta device) and receives them from rank 0 when
-    they are sharded: a non-zero rank of ``trainer=fsdp``. The rank is read before Lightning starts, from
-    what started the process: torchrun's ``RANK``, SLURM's ``SLURM_PROCID``, or the ``LOCAL_RANK`` and
-    ``NODE_RANK`` Lightning gives the ranks it launches (its first process has none)."""
+    they are sharded: a non-zero rank of a ``trainer=fsdp`` run of several processes.
+
+    It is decided before Lightning starts, so it must agree with the rank Lightning will give this process.
+    A run configured for one process (``devices`` × ``num_nodes`` = 1) is rank 0 whatever the environment
+    holds: a ``RANK`` left exported in a shell would otherwise build θ on the meta device with no rank to
+    send it weights. Otherwise the rank is read where Lightning's cluster environment will read it, in its
+    order of detection: SLURM's ``SLURM_PROCID`` inside an ``srun`` job, torchrun's ``RANK``
+    only with torchrun's other variables, else the ``NODE_RANK`` and ``LOCAL_RANK`` Lightning gives the
+    processes it starts (its first process on the first node has neither)."""
     strategy = trainer_cfg.get("strategy") if trainer_cfg is not None else None
     if not hasattr(strategy, "get") or strategy.get("_target_") != f"{__name__}.FSDP2Strategy":
         return False
-    return any(os.environ.get(k, "0") != "0" for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+    if _processes(trainer_cfg.get("devices", "auto")) * int(trainer_cfg.get("num_nodes", 1) or 1) == 1:
+        return False
+    return _launched_rank() != 0
+
+
+def _processes(devices) -> int:
+    """Processes per node for Lightning's ``devices`` (``-1``/``auto``: the GPUs torch sees, at least one)."""
+    if str(devices) in ("-1", "auto"):
+        return torch.cuda.device_count() or 1
+    if isinstance(devices, str):
+        return len([p for p in devices.split(",") if p.strip()]) if "," in devices else int(devices)
+    return len(devices) if hasattr(devices, "__len__") else int(devices)
+
+
+def _launched_rank() -> int:
+    """This process's global rank as Lightning's detected cluster environment will report it (0 or not 0)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if SLURMEnvironment.detect():
+        return int(os.environ.get("SLURM_PROCID", 0))
+    if TorchElasticEnvironment.detect():
+        return int(os.environ.get("RANK", 0))
+    return int(os.environ.get("NODE_RANK", 0) or 0) + int(os.environ.get("LOCAL_RANK", 0) or 0)
 
 
 def _broadcast_from_rank0(model: torch.nn.Module, full: dict | None, device: torch.device) -> None:
