@@ -33,10 +33,10 @@ import os
 import time
 from pathlib import Path
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter as _CSVWriter
-from lightning.fabric.loggers.logger import rank_zero_experiment
 
 log = logging.getLogger(__name__)
 
