@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.lctw-installed
 
-.PHONY: install run test test-slow lint bench clean-cache
+.PHONY: install run test test-fast test-slow lint bench clean-cache
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The unit layer: formulas, parts and refusals, no training run and no process started
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not process and not integration"
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -74,6 +74,23 @@ def hf_model(cache_dir, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def trained_run(cache_dir, tmp_path_factory):
+    """The default experiment, shortened, with the position-resolved perplexity at the end: one real run
+    that the tests of the run, the token view, eval.py and the harness option all read."""
+    from omegaconf import OmegaConf
+
+    from lctw.training.stages import train
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose([*SMALL, "eval=ppl"], cache=cache_dir)
+    assert (cfg.scorer._target_, cfg.weighting._target_, cfg.context.method) == (
+        "lctw.method.scorers.FrozenScorer", "lctw.method.weighting.Dense", "theta")
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra does for train.py runs
+    return run_dir, train(cfg, run_dir=run_dir)
+
+
 @pytest.fixture
 def one_process_group(monkeypatch):
     """trainer=fsdp on one CPU rank runs in this process: Lightning initialises a process group and sets

@@ -79,6 +79,7 @@ def _score_interrupted_then_resumed(cache_dir):
     return first
 
 
+@pytest.mark.integration
 def test_cached_scores_are_theta0_short_context_logprobs(scored, cache_dir):
     cfg = compose([*TRAIN, "scorer.cache=true"], cache=cache_dir)
     parts, data = train_split(cfg)
@@ -93,6 +94,7 @@ def test_cached_scores_are_theta0_short_context_logprobs(scored, cache_dir):
     assert torch.equal(scores.select(rows)[:]["checksum"], row_checksum(ids))
 
 
+@pytest.mark.integration
 def test_resumed_scoring_equals_one_uninterrupted_run(scored, cache_dir, tmp_path):
     whole = run_score(compose_score(["score.batch_size=4", "score.shard_rows=8",
                                                   f"scorer.cache={tmp_path}/whole"], cache_dir))
@@ -103,6 +105,7 @@ def test_resumed_scoring_equals_one_uninterrupted_run(scored, cache_dir, tmp_pat
                        b.load().with_format("torch")[:]["short_logprobs"])
 
 
+@pytest.mark.integration
 def test_training_with_the_cache_equals_the_frozen_scorer_on_the_first_step(scored, cache_dir):
     cfg = compose([*TRAIN, "scorer.cache=true"], cache=cache_dir)
     parts, data = train_split(cfg)
@@ -132,6 +135,7 @@ def test_training_with_the_cache_equals_the_frozen_scorer_on_the_first_step(scor
         cached(None, other, torch.zeros_like(batch["short_logprobs"]))
 
 
+@pytest.mark.integration
 def test_training_with_the_cache_never_loads_theta0(scored, cache_dir, tmp_path, monkeypatch):
     def no_theta0(self, spec):
         pytest.fail("θ0 was loaded although scorer.cache=true")
@@ -145,6 +149,7 @@ def test_training_with_the_cache_never_loads_theta0(scored, cache_dir, tmp_path,
     assert metrics["train/weight_std"] > 0  # real, non-uniform weights from the cached scores
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("change, field", [
     (["n=16"], "n: cache 32, now 16"),
     (["scorer.stride=8"], "stride: cache 24, now 8"),
@@ -173,6 +178,7 @@ def compose_score_hydra(overrides, cache):
                              return_hydra_config=True)
 
 
+@pytest.mark.integration
 def test_an_explicit_cache_directory_for_another_configuration_is_refused(scored, cache_dir):
     cfg = compose([*TRAIN, f"scorer.cache={scored}", "scorer.mode=window"], cache=cache_dir)
     with pytest.raises(ValueError, match=r"refused, the cache at .* was built for another configuration "
@@ -182,6 +188,7 @@ def test_an_explicit_cache_directory_for_another_configuration_is_refused(scored
         run_score(compose_score([f"scorer.cache={scored}", "scorer.mode=window"], cache_dir))
 
 
+@pytest.mark.process
 def test_score_py_caches_the_small_scorer(cache_dir, tmp_path, monkeypatch):
     out = tmp_path / "small"
     small = ["scorer=small", "+scorer.model.base.trainer.max_steps=6", "data.max_docs=2"]
@@ -229,6 +236,7 @@ def rewrite_shard(path, change):
         writer.write_table(table)
 
 
+@pytest.mark.integration
 def test_nan_in_a_shard_is_refused_naming_the_shard(scored, cache_dir, tmp_path, monkeypatch):
     cache = ScoreCache(copy_of(scored, tmp_path))
     _, _, shard = cache.shards()[1]
@@ -252,6 +260,7 @@ def test_nan_in_a_shard_is_refused_naming_the_shard(scored, cache_dir, tmp_path,
         train_with(cache.path, cache_dir)
 
 
+@pytest.mark.integration
 def test_a_truncated_shard_is_refused_naming_it(scored, cache_dir, tmp_path):
     cache = ScoreCache(copy_of(scored, tmp_path))
     _, _, shard = cache.shards()[-1]
@@ -262,6 +271,7 @@ def test_a_truncated_shard_is_refused_naming_it(scored, cache_dir, tmp_path):
         train_with(cache.path, cache_dir)
 
 
+@pytest.mark.integration
 def test_a_shard_from_another_cache_is_refused(scored, cache_dir, tmp_path):
     other = run_score(compose_score(["scorer.stride=16", "score.batch_size=4", "score.shard_rows=8", "score.limit=8",
                                      f"scorer.cache={tmp_path}/other"], cache_dir))
@@ -274,6 +284,7 @@ def test_a_shard_from_another_cache_is_refused(scored, cache_dir, tmp_path):
         train_with(cache.path, cache_dir)
 
 
+@pytest.mark.integration
 def test_score_py_finishes_a_cache_whose_complete_json_was_lost(scored, cache_dir, tmp_path, monkeypatch):
     cache = ScoreCache(copy_of(scored, tmp_path))
     (cache.path / "complete.json").unlink()
@@ -295,6 +306,7 @@ def test_score_py_finishes_a_cache_whose_complete_json_was_lost(scored, cache_di
     assert score_cache.attach(cfg, parts, data).path == cache.path  # verified and attached
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("option, message", [
     ("score.batch_size=0", "score.batch_size=0 is out of range: allowed >= 1"),
     ("score.batch_size=2.5", "score.batch_size=2.5 must be an integer >= 1"),
@@ -310,6 +322,7 @@ def test_bad_score_options_are_refused_before_the_cache_directory_is_created(cac
     assert not out.exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("value", ["yes", "no", "on", "off", "1", "0", "'true'"])
 def test_scorer_cache_is_false_true_or_a_directory(cache_dir, tmp_path, value, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a refused value must not create a directory named after it, here or anywhere

@@ -76,6 +76,7 @@ def one_step(batch_size: int, accumulate: int = 1, devices: int = 1, strategy="a
     return {k: v.clone() for k, v in model.state_dict().items()}, module.sums, module.logged
 
 
+@pytest.mark.integration
 def test_accumulated_micro_batches_equal_the_larger_batch():
     big, big_sums, _ = one_step(batch_size=4)
     acc, acc_sums, _ = one_step(batch_size=2, accumulate=2)
@@ -91,6 +92,7 @@ def test_accumulated_micro_batches_equal_the_larger_batch():
     assert abs(mean_of_means - loss) > 1e-3  # 1000x the tolerance above
 
 
+@pytest.mark.integration
 def test_the_logged_loss_is_the_steps_loss_over_all_micro_batches():
     """train/loss and train/ce are Σ w·CE and Σ CE over every micro-batch of the step divided by its valid
     targets: the loss the gradient is of, not the last micro-batch's mean."""
@@ -146,6 +148,7 @@ def test_decoder_layers_come_from_the_model():
         decoder_layers(model)
 
 
+@pytest.mark.integration
 def test_fsdp_run_writes_sharded_checkpoints_that_resume_and_consolidate(hf_model, cache_dir, tmp_path,
                                                                          one_process_group):
     """trainer=fsdp on one gloo rank, in this process (the 2-rank run of train.py: test_train_fsdp_on_two_ranks)."""
@@ -232,6 +235,7 @@ def test_only_a_non_zero_rank_of_several_builds_theta_without_weights(monkeypatc
     assert receives_weights(cfg.trainer) is receives
 
 
+@pytest.mark.integration
 def test_a_stray_rank_leaves_a_single_process_fsdp_run_intact(hf_model, cache_dir, tmp_path, one_process_group,
                                                               monkeypatch):
     """``RANK=1`` exported in the shell of a one-process trainer=fsdp run: θ must still be built with its

@@ -158,6 +158,7 @@ def test_the_study_sweep_runs_each_configuration_once_per_seed_at_equal_steps_an
         for s in ("FrozenScorer", "SelfScorer")}
 
 
+@pytest.mark.integration
 def test_runs_carry_the_within_n_recall_of_their_base_and_warn_when_it_cannot_copy(tmp_path, caplog):
     """The base stage measures θ0's within-n recall (model.base.eval, as experiment=mini_repro sets it);
     every run on that base reports it as base/eval/recall/*, and warns when θ0 does not copy."""

@@ -77,6 +77,7 @@ def changed(before, module):
     return {k for k, v in module.model.named_parameters() if not torch.equal(before[k], v.detach())}
 
 
+@pytest.mark.integration
 def test_nan_scores_skip_the_step_and_are_counted():
     clean = module_with(NaNScorer(8, 24, at=[]))
     fit(clean)
@@ -89,6 +90,7 @@ def test_nan_scores_skip_the_step_and_are_counted():
         assert torch.isfinite(p).all()
 
 
+@pytest.mark.integration
 def test_a_skipped_step_leaves_every_parameter_unchanged():
     module = module_with(NaNScorer(8, 24, at=[1, 2, 3, 4]), max_skipped=10)
     before = params(module)
@@ -96,6 +98,7 @@ def test_a_skipped_step_leaves_every_parameter_unchanged():
     assert module.skipped_steps == STEPS and not changed(before, module)
 
 
+@pytest.mark.integration
 def test_with_gradient_accumulation_a_faulty_micro_batch_skips_the_whole_step():
     """The window's other micro-batches must not update θ alone: nothing changes."""
     module = module_with(NaNScorer(8, 24, at=[1, 3]), max_skipped=10)  # the first micro-batch of each window
@@ -107,6 +110,7 @@ def test_with_gradient_accumulation_a_faulty_micro_batch_skips_the_whole_step():
     assert changed(before, clean)  # the same windows without faults do train
 
 
+@pytest.mark.integration
 def test_too_many_faults_stop_the_run_with_the_fault_named():
     module = module_with(NaNScorer(8, 24, at=[1, 2, 3]), max_skipped=1)
     with pytest.raises(FloatingPointError, match=r"non-finite short log-probs at step \d.*nonfinite\.max_skipped=1"):
@@ -116,6 +120,7 @@ def test_too_many_faults_stop_the_run_with_the_fault_named():
         fit(module)
 
 
+@pytest.mark.integration
 def test_nan_weights_and_nan_log_probs_are_faults():
     module = module_with(NaNScorer(8, 24, at=[]), NaNWeighting(), max_skipped=10)
     before = params(module)
@@ -134,6 +139,7 @@ def test_nan_weights_and_nan_log_probs_are_faults():
     assert module.skipped_steps == 1
 
 
+@pytest.mark.integration
 def test_non_finite_gradients_are_dropped_before_the_optimizer():
     module = module_with(NaNScorer(8, 24, at=[]), max_skipped=10)
     weight = module.model.model.layers[0].mlp.up_proj.weight
@@ -162,6 +168,7 @@ def test_theta_is_never_exported_with_non_finite_weights(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.integration
 def test_a_diverging_run_exits_with_an_error_and_leaves_no_model(cache_dir, tmp_path):
     """optimizer.lr=1e6 on the default experiment (shortened): the run stops, writes no hf/, and any
     metrics it writes are strict JSON."""
@@ -181,6 +188,7 @@ def test_metrics_json_is_strict(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text()) == {"train/loss": 1.5, "val/ce": None}
 
 
+@pytest.mark.integration
 def test_fp16_overflow_steps_belong_to_the_gradient_scaler():
     """precision=16-mixed: each micro-batch backpropagates a sum over its targets, so the scaled fp16
     gradients overflow until the scaler has halved its scale enough. Those steps are the scaler's to skip,

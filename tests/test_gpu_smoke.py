@@ -29,6 +29,7 @@ def test_without_cuda_it_says_so_and_exits_2(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.process
 def test_its_code_runs_on_the_cpu(tmp_path):
     """--cpu-check: the same code on gloo with a tiny Llama; every check passes, every figure is there."""
     out = tmp_path / "smoke.json"
@@ -67,6 +68,7 @@ def _rows(report: dict) -> dict:
     return {f["scorer"]: f for f in report["figures"]}
 
 
+@pytest.mark.process
 def test_an_oom_on_one_rank_is_agreed_on_and_reported(tmp_path):
     """Issue 19: rank 1 runs out of memory in AdamW's step of scorer=self (after the step's collectives).
     Before, rank 1 alone noted it and rank 0 reported a timing; now both ranks agree, rank 0 reports the
@@ -79,6 +81,7 @@ def test_an_oom_on_one_rank_is_agreed_on_and_reported(tmp_path):
     assert "out of memory on rank(s) [1]" in log
 
 
+@pytest.mark.process
 def test_an_oom_the_other_ranks_cannot_reach_ends_the_run_quickly(tmp_path):
     """Rank 1 runs out of memory before the step's first all-gather, where rank 0 waits for it: before, rank
     1 went on to the next measurement and its collectives paired with rank 0's (on NCCL: a hang until the
@@ -93,6 +96,7 @@ def test_an_oom_the_other_ranks_cannot_reach_ends_the_run_quickly(tmp_path):
     assert not out.exists()  # rank 0 never finished
 
 
+@pytest.mark.process
 def test_an_oom_on_every_rank_skips_the_rest(tmp_path):
     """Every rank out of memory: they may have stopped at different collectives, so nothing else is measured."""
     status, log, out, _ = _two_ranks_with_oom(tmp_path, "start", "0,1")

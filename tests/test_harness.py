@@ -559,3 +559,23 @@ def test_parse_bbh_prompt_keeps_a_multi_paragraph_description():
     assert description.count("\n\n") == 1 and [s["target"] for s in shots] == ["(A)", "(B)", "(A)"]
     with pytest.raises(ValueError, match="no task description"):
         H.parse_bbh_prompt("canary\n-----\nQ: x\nA: Let's think step by step. So the answer is y.")
+
+
+@pytest.mark.integration
+def test_eval_harness_option_on_the_trained_model(trained_run, tmp_path):
+    """eval=harness: MMLU-format items from local files through lm-eval, written and returned as metrics."""
+    pytest.importorskip("lm_eval", reason="pip install lm-eval")
+    import pandas as pd
+    from conftest import ROOT, compose
+    from hydra.utils import instantiate
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = trained_run
+    cfg = compose(["eval=harness", "eval.tasks=[mmlu_astronomy]", f"eval.data_dir={ROOT}/tests/data/harness"])
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
+    from transformers import AutoTokenizer
+
+    metrics = instantiate(cfg.eval)(model, AutoTokenizer.from_pretrained(run_dir / "hf"), tmp_path)
+    assert 0 <= metrics["eval/harness/mmlu_astronomy"] <= 100
+    table = pd.read_csv(tmp_path / "harness.csv")
+    assert "mmlu_astronomy" in set(table["task"])

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, SMALL
 
 QUICK = [*SMALL, "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
@@ -17,6 +18,7 @@ def env(cache_dir):
             "LCTW_CACHE": cache_dir}
 
 
+@pytest.mark.process
 def test_four_runs_started_together_get_four_directories(cache_dir, tmp_path):
     lams = ["0.1", "0.3", "0.6", "0.9"]
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *QUICK, f"weighting.lam={lam}",
@@ -38,6 +40,7 @@ def test_four_runs_started_together_get_four_directories(cache_dir, tmp_path):
     assert seen == set(lams)
 
 
+@pytest.mark.process
 def test_a_failed_run_records_its_error(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "weighting.lam=2"], cwd=tmp_path,
                           env=env(str(tmp_path / "cache")), capture_output=True, text=True, timeout=300)
@@ -50,6 +53,7 @@ def test_a_failed_run_records_its_error(tmp_path):
     assert not (run / "checkpoints").exists() and not (run / "hf").exists()  # a stub: status, log, config
 
 
+@pytest.mark.process
 def test_a_failing_job_does_not_take_the_sweep_down(cache_dir, tmp_path):
     """... and the sweep's report (``hydra.callbacks.summary.report``, as sweep=mini_repro sets it) is built
     from the job that completed, before the sweep exits non-zero."""

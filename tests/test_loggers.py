@@ -184,6 +184,7 @@ def test_online_start_without_network_falls_back_to_offline_within_seconds(tmp_p
     assert run["config"]["n"] == 32 and any(row.get("train/loss") == 2.5 for row in run["history"])
 
 
+@pytest.mark.process
 def test_a_dead_wandb_service_does_not_stop_training(tmp_path):
     """W&B's service process is killed during fit: training finishes, finish() does not raise, and the
     next job of the process (a multirun's) logs to W&B again."""

@@ -11,6 +11,7 @@ from lctw.training.stages import train
 
 
 # ddp and fsdp run on one gloo rank here; fsdp computes in bf16 over fp32 shards
+@pytest.mark.integration
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp"])
 def test_one_step_at_lr_2e5_moves_more_than_99_percent_of_the_weights(hf_model, cache_dir, tmp_path, trainer,
                                                                       one_process_group):
@@ -30,6 +31,7 @@ def test_one_step_at_lr_2e5_moves_more_than_99_percent_of_the_weights(hf_model, 
     assert moved / total > 0.99, f"trainer={trainer}: {moved / total:.3f} of the weights moved"
 
 
+@pytest.mark.integration
 def test_without_fp32_masters_most_weights_do_not_move(hf_model, cache_dir, tmp_path):
     """The control: the same step with the model loaded in bf16 (what model=hf did before)."""
     overrides = [*RUN, "model=hf", f"model.name_or_path={hf_model}", "model.dtype=bfloat16",

@@ -22,6 +22,7 @@ YAMLS = {
 }
 
 
+@pytest.mark.process
 def test_toy_scorer_weighting_and_context_run_through_train_py(cache_dir, tmp_path):
     conf = tmp_path / "conf"
     for rel, text in YAMLS.items():

@@ -46,6 +46,7 @@ def wait_for_orphans(pid, timeout=60.0):
         time.sleep(0.5)
 
 
+@pytest.mark.process
 def test_sigkill_between_checkpoints_then_the_same_command_resumes_exactly(cache_dir, tmp_path):
     whole = train(tmp_path / "whole", cache_dir)
     assert whole.returncode == 0, whole.stderr_text[-3000:]
@@ -98,6 +99,7 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.process
 def test_a_resumed_runs_csv_history_is_the_uninterrupted_runs(whole_csv, cache_dir, tmp_path):
     """Lightning's CSV logger deleted metrics.csv when it reopened the run directory: after a SIGKILL and
     the automatic resume the history started at the checkpoint. Now the rows logged before the checkpoint
@@ -113,6 +115,7 @@ def test_a_resumed_runs_csv_history_is_the_uninterrupted_runs(whole_csv, cache_d
     assert same_weights(tmp_path, whole_csv)
 
 
+@pytest.mark.process
 def test_slurms_warning_signal_saves_at_the_next_step_and_the_requeued_run_loses_none(whole_csv, cache_dir,
                                                                                        tmp_path):
     """USR2 (what SLURM sends before a time limit or a preemption) arrives in the middle of step 6, two steps
@@ -130,6 +133,7 @@ def test_slurms_warning_signal_saves_at_the_next_step_and_the_requeued_run_loses
     assert history(tmp_path) == history(whole_csv)
 
 
+@pytest.mark.process
 def test_the_warning_signal_goes_on_to_the_handler_installed_before(tmp_path):
     """submitit's handler (here one that records its calls and returns, as submitit's does on ranks other
     than 0) is called once, after the checkpoint of the step the signal arrived in; until then the signal

@@ -301,6 +301,7 @@ def test_self_scorer_scores_in_eval_mode_whatever_the_dropout():
     assert (noisy - clean).abs().max() > 1e-3  # the model really has dropout in train mode
 
 
+@pytest.mark.integration
 def test_frozen_scorer_keeps_theta0_through_extension_and_training():
     model = tiny_llama(layers=2)
     original = copy.deepcopy(model)

@@ -22,18 +22,7 @@ from transformers import AutoModelForCausalLM
 from lctw.training.stages import train
 
 
-@pytest.fixture(scope="module")
-def trained_run(cache_dir, tmp_path_factory):
-    """The default experiment, shortened, with the position-resolved perplexity at the end."""
-    run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose([*SMALL, "eval=ppl"], cache=cache_dir)
-    assert (cfg.scorer._target_, cfg.weighting._target_, cfg.context.method) == (
-        "lctw.method.scorers.FrozenScorer", "lctw.method.weighting.Dense", "theta")
-    (run_dir / ".hydra").mkdir()
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra does for train.py runs
-    return run_dir, train(cfg, run_dir=run_dir)
-
-
+@pytest.mark.integration
 def test_default_experiment_trains_and_validates_at_n(trained_run):
     _, metrics = trained_run
     for key in ("train/loss", "train/ce", "train/tokens_per_s"):
@@ -45,6 +34,7 @@ def test_default_experiment_trains_and_validates_at_n(trained_run):
         assert metrics[f"val/ce{suffix}"] == pytest.approx(split, rel=1e-5)
 
 
+@pytest.mark.integration
 def test_default_experiment_weights_are_dense(trained_run):
     """dense lam=0.75: every weight >= 0.75, rows of mean 1, so non-uniform means ESS below 1 but at least
     1/(1 + variance) (Jensen), and no zero weights."""
@@ -54,6 +44,7 @@ def test_default_experiment_weights_are_dense(trained_run):
     assert 0 < metrics["train/weight_mass_beyond_n"] < 1
 
 
+@pytest.mark.integration
 def test_default_experiment_builds_theta0_by_the_base_stage(trained_run, cache_dir):
     """The base really was pretrained at n, as an ordinary run of experiment=base: far better than chance."""
     base = next(p.parent.parent for p in Path(cache_dir, "tiny").glob("*/hf/config.json"))
@@ -63,6 +54,7 @@ def test_default_experiment_builds_theta0_by_the_base_stage(trained_run, cache_d
     assert json.loads((base / "metrics.json").read_text())["val/ce"] < math.log(4096)
 
 
+@pytest.mark.integration
 def test_default_experiment_writes_its_run_directory(trained_run):
     run_dir, metrics = trained_run
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3  # max_steps
@@ -70,6 +62,7 @@ def test_default_experiment_writes_its_run_directory(trained_run):
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.integration
 def test_default_experiment_exports_the_extended_theta(trained_run):
     """θ as a Hugging Face model with the NTK-aware RoPE base for 4x at head size 32, not θ0's."""
     run_dir, _ = trained_run
@@ -79,6 +72,7 @@ def test_default_experiment_exports_the_extended_theta(trained_run):
     assert OmegaConf.load(run_dir / "hf" / "lctw.yaml").N == 128
 
 
+@pytest.mark.integration
 def test_default_experiment_checkpoint_describes_itself_without_theta0(trained_run):
     run_dir, _ = trained_run
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
@@ -86,6 +80,7 @@ def test_default_experiment_checkpoint_describes_itself_without_theta0(trained_r
     assert ckpt["hyper_parameters"]["config"]["context"]["method"] == "theta"
 
 
+@pytest.mark.integration
 def test_default_experiment_ends_in_its_evaluation(trained_run):
     """eval=ppl ran after training: CE by position bucket of width n up to N."""
     run_dir, metrics = trained_run
@@ -95,6 +90,7 @@ def test_default_experiment_ends_in_its_evaluation(trained_run):
     assert (run_dir / "eval" / "position_ce.png").stat().st_size > 0
 
 
+@pytest.mark.integration
 def test_wandb_shows_what_the_weighting_does(trained_run):
     """The token view of one validation sequence (HTML) and score/weight histograms at each validation, the
     flat config, and the training samples the sweep report reads (lctw.training.callbacks.TokenWeights)."""
@@ -118,42 +114,7 @@ def test_wandb_shows_what_the_weighting_does(trained_run):
     assert np.isfinite(samples["scores"]).all() and ((samples["positions"] >= 1) & (samples["positions"] <= 127)).all()
 
 
-def test_inspect_a_run_with_its_frozen_scorer(trained_run, cache_dir, tmp_path, caplog):
-    """python -m lctw.tools.view on a run directory: θ from hf/, θ0 (scorer=frozen) from the run's model spec."""
-    from lctw.tools.view import inspect_text
-
-    run_dir, _ = trained_run
-    text = tmp_path / "essay.txt"
-    text.write_text("Procrastination feeds on distractions. " * 40)
-    cfg = compose([f"ckpt={run_dir}", f"text={text}", *SMALL[:2], "top_k=3"], cache=cache_dir, config_name="inspect")
-    result = inspect_text(cfg, tmp_path / "out")
-    assert result["tokens"] == 128 and len(result["top"]) == 3 and result["score_mean"] > 0
-    assert "other settings than the run" not in caplog.text  # the run's own n, N, scorer and weighting
-    assert "scorer=frozen" in (tmp_path / "out" / "tokens.html").read_text()
-
-
-def test_eval_py_on_a_run_directory_and_on_its_checkpoint(trained_run, cache_dir, tmp_path):
-    run_dir, _ = trained_run
-    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "LCTW_CACHE": cache_dir}
-    tasks = "[niah_single_1,niah_multikey_2]"
-    cmd = [sys.executable, "eval.py", f"ckpt={run_dir}", "eval=ruler", f"eval.tasks={tasks}", "eval.lengths=[512]",
-           "eval.samples=2", "logger=csv", f"hydra.run.dir={tmp_path}/ruler"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    scores = pd.read_csv(tmp_path / "ruler" / "eval" / "ruler_scores.csv", index_col=0)
-    assert list(scores.index) == ["niah_single_1", "niah_multikey_2", "average"]
-    assert scores["512"].between(0, 100).all()
-    assert "eval/ruler/average/512" in json.loads((tmp_path / "ruler" / "eval_metrics.json").read_text())
-    # the Lightning checkpoint gives the same model as the exported one
-    cmd = [sys.executable, "eval.py", f"ckpt={run_dir}/checkpoints/last.ckpt", "eval=ppl", "logger=none",
-           f"hydra.run.dir={tmp_path}/ppl"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from_ckpt = pd.read_csv(tmp_path / "ppl" / "eval" / "position_ce.csv", index_col=0)
-    from_train = pd.read_csv(run_dir / "eval" / "position_ce.csv", index_col=0)
-    pd.testing.assert_frame_equal(from_ckpt, from_train, rtol=1e-4)
-
-
+@pytest.mark.process
 def test_multirun_sweeps_scorer_by_weighting(cache_dir, tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "train.py", "-m", "weighting=dense,sparse", "scorer=frozen,self", *SMALL,
@@ -193,6 +154,7 @@ def test_multirun_sweeps_scorer_by_weighting(cache_dir, tmp_path):
     assert table["train/weight_ess_mean mean"].between(0, 1).all() and (out / "histograms.png").exists()
 
 
+@pytest.mark.process
 def test_bad_option_on_the_command_line_names_the_key(tmp_path):
     cmd = [sys.executable, "train.py", "weighting=sparse", "weighting.kappa=1.5", f"hydra.run.dir={tmp_path}/run"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -201,6 +163,7 @@ def test_bad_option_on_the_command_line_names_the_key(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.integration
 def test_small_scorer_trains_with_its_own_cached_base(cache_dir, tmp_path):
     """scorer=small builds its own (2-layer) base at n with the same tokenizer and scores with it."""
     cfg = compose([*SMALL, "scorer=small", "+scorer.model.base.trainer.max_steps=4", "callbacks=none",
@@ -212,45 +175,7 @@ def test_small_scorer_trains_with_its_own_cached_base(cache_dir, tmp_path):
     assert {b.model.num_hidden_layers for b in bases} >= {2, 4}
 
 
-def test_eval_harness_option_on_the_trained_model(trained_run, tmp_path):
-    """eval=harness: MMLU-format items from local files through lm-eval, written and returned as metrics."""
-    pytest.importorskip("lm_eval", reason="pip install lm-eval")
-    from hydra.utils import instantiate
-
-    run_dir, _ = trained_run
-    cfg = compose(["eval=harness", "eval.tasks=[mmlu_astronomy]", f"eval.data_dir={ROOT}/tests/data/harness"])
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
-    from transformers import AutoTokenizer
-
-    metrics = instantiate(cfg.eval)(model, AutoTokenizer.from_pretrained(run_dir / "hf"), tmp_path)
-    assert 0 <= metrics["eval/harness/mmlu_astronomy"] <= 100
-    table = pd.read_csv(tmp_path / "harness.csv")
-    assert "mmlu_astronomy" in set(table["task"])
-
-
-def test_parallel_processes_build_the_tiny_base_once(tmp_path):
-    """DDP ranks or parallel sweep jobs on a fresh cache: one process builds the tokenizer and base, the
-    other waits for them (a file lock) and loads the same weights."""
-    script = (
-        "import logging, sys, torch; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
-        "from lctw.data import essays\nfrom lctw.models import TinyLlama\nfrom lctw.training.base import prepare\n"
-        "torch.set_num_threads(1)\n"
-        f"m = TinyLlama(n=16, cache_dir={str(tmp_path)!r}, vocab_size=300, hidden_size=16, num_hidden_layers=1,"
-        " num_attention_heads=2, num_key_value_heads=2, intermediate_size=32,"
-        " base={'trainer': {'max_steps': 2}, 'data': {'batch_size': 2}}, corpus=essays)\n"
-        "prepare(m); m = m.load()\n"
-        "print('SUM', float(sum(p.sum() for p in m.parameters())))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    assert sum(o.count("building the tiny base model") for o in outs) == 1, outs
-    sums = {line for o in outs for line in o.splitlines() if line.startswith("SUM")}
-    assert len(sums) == 1, sums
-
-
+@pytest.mark.integration
 def test_resume_from_a_checkpoint_without_theta0(trained_run, cache_dir, tmp_path):
     """The checkpoint holds θ, not θ0; resuming rebuilds θ0 from its spec and continues from step 3."""
     run_dir, _ = trained_run
@@ -262,6 +187,7 @@ def test_resume_from_a_checkpoint_without_theta0(trained_run, cache_dir, tmp_pat
     assert resumed["global_step"] == 4 and not any(k.startswith("scorer") for k in resumed["state_dict"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fault, message", [
     ("truncated", r"is not a PyTorch checkpoint"),  # the config check reads the zip directory first
     ("edited", r"is corrupted: its SHA-256 differs"),

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import compose
+from conftest import SMALL, compose
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lctw.config import ConfigError
@@ -36,6 +36,7 @@ def tiny_hf(tmp_path_factory):
     return path
 
 
+@pytest.mark.integration
 def test_inspect_writes_the_text_coloured_by_score_and_weight(tiny_hf, tmp_path):
     cfg = compose([f"ckpt={tiny_hf}", f"text={tiny_hf.parent / 'text.txt'}", "n=8", "N=64", "context=none",
                    "scorer=self", "weighting=dense", "weighting.lam=0.5", "top_k=5"], config_name="inspect")
@@ -65,6 +66,7 @@ def test_inspect_writes_the_text_coloured_by_score_and_weight(tiny_hf, tmp_path)
     assert (tmp_path / "tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("override, message", [
     ("text=/no/such/file.txt", r"^text='/no/such/file.txt' is not a file"),
     ("scorer=none", r"^scorer=none has no scores to show"),
@@ -106,3 +108,18 @@ def test_training_samples_stay_bounded_spread_over_the_run_and_survive_a_resume(
     _step(resumed, 6)
     a, b = callback.arrays(), resumed.arrays()
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.integration
+def test_inspect_a_run_with_its_frozen_scorer(trained_run, cache_dir, tmp_path, caplog):
+    """python -m lctw.tools.view on a run directory: θ from hf/, θ0 (scorer=frozen) from the run's model spec."""
+    from lctw.tools.view import inspect_text
+
+    run_dir, _ = trained_run
+    text = tmp_path / "essay.txt"
+    text.write_text("Procrastination feeds on distractions. " * 40)
+    cfg = compose([f"ckpt={run_dir}", f"text={text}", *SMALL[:2], "top_k=3"], cache=cache_dir, config_name="inspect")
+    result = inspect_text(cfg, tmp_path / "out")
+    assert result["tokens"] == 128 and len(result["top"]) == 3 and result["score_mean"] > 0
+    assert "other settings than the run" not in caplog.text  # the run's own n, N, scorer and weighting
+    assert "scorer=frozen" in (tmp_path / "out" / "tokens.html").read_text()
