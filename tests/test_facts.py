@@ -99,7 +99,7 @@ class Induction(torch.nn.Module):
         self.vocab, self.window = vocab, window
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, **_):
         b, t = input_ids.shape
         v = self.vocab
         tri = torch.full((b, t), -1, dtype=torch.long)

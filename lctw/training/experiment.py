@@ -28,6 +28,7 @@ from lctw.models.theta import build_theta, save_theta
 from lctw.runs import loggers
 from lctw.runs.checkpoints import VerifiedCheckpointIO, check_resume
 from lctw.runs.jobs import read_metrics, write_metrics
+from lctw.training.curve import LearningCurve
 from lctw.training.distributed import gather_theta, is_sharded_module, receives_weights
 from lctw.training.module import TokenWeightingLM
 from lctw.training.phases import phase_configs, phase_dirs
@@ -114,6 +115,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, parts: Parts 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics.update(before)
+        for cb in callbacks:
+            if isinstance(cb, LearningCurve):  # its points, <metric>@<step>, are part of the result
+                metrics.update(cb.metrics)
         metrics.update(parts.base)  # what θ0 could do: part of the result
         theta = module.model
         if is_sharded_module(theta):  # trainer=fsdp: every rank gathers, rank 0 exports the full θ
