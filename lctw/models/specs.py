@@ -194,7 +194,8 @@ class TinyLlama(HFModel):
         if self.init is not None and weights:  # the next phase of a phased base starts from the previous one's θ
             from transformers import LlamaForCausalLM
 
-            return self._finish(LlamaForCausalLM.from_pretrained(self.init, attn_implementation=self.attn_implementation))
+            model = LlamaForCausalLM.from_pretrained(self.init, attn_implementation=self.attn_implementation)
+            return self._finish(model)
         if not self.pretrained or not weights:
             return self._finish(self.initial())
         return super().load()
