@@ -152,7 +152,8 @@ def test_the_study_sweep_runs_each_configuration_once_per_seed_at_equal_steps_an
         assert list(cfg.callbacks.curve.steps) == [0, 25, 50, 100, 150]  # the learning curve, the same for all
         # copies and facts restated at all distances up to N; the base: the copying recipe, refused if it cannot
         assert cfg.data.copies.get("max_distance") is None and cfg.data.facts.max_distance == cfg.N
-        assert (cfg.model.base.experiment, cfg.model.base.eval, cfg.model.base.min_copy_gain) == ("base_copy", "copy", 2)
+        base = cfg.model.base
+        assert (base.experiment, base.eval, base.min_copy_gain) == ("base_copy", "copy", 2)
     assert len(runs) == len(arms) == 9  # uniform once, without a scorer
     assert ("uniform", None, "NoScorer") in runs
     assert {r for r in runs if r[0] != "uniform"} == {

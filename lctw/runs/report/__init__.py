@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lctw.runs.report.curves import curve_plot, curve_points
+from lctw.runs.report.curves import CURVE, curve_plot, curve_points
 from lctw.runs.report.plots import LENGTH_PLOTS, histogram_plot, length_plots, position_plot, tradeoff_plot
 from lctw.runs.report.runs import Run, local_runs, wandb_runs
 from lctw.runs.report.tables import (
@@ -72,14 +72,17 @@ def report(source: str, out: Path | None = None, families: dict[str, list[str]] 
     columns = config_columns(runs)
     found = metric_families(runs, families)
     metrics = [m for names in found.values() for m in names]
-    pairs = paired(per_run, [m for m in metrics if matches_any(m, paired_metrics or PAIRED)], columns)
+    points = curve_points(found.get(CURVES, []))
+    shown = curves or list(points)  # a curve shown is paired at every step
+    chosen = [m for m in metrics if matches_any(m, paired_metrics or PAIRED) or CURVE.match(m) and
+              CURVE.match(m)["metric"] in shown]
+    pairs = paired(per_run, chosen, columns)
     table.to_csv(out / "report.csv")
     per_run.to_csv(out / "runs.csv", index=False)
     pairs.to_csv(out / "paired.csv", index=False)
     plots = [*length_plots(table, metrics, length_patterns or LENGTH_PLOTS, out), position_plot(table, metrics, out),
              histogram_plot(runs, per_run, out), tradeoff_plot(table, *tradeoff, out)]
-    points = curve_points(found.get(CURVES, []))
-    plots = [curve_plot(table, points, curves or list(points), out), *plots]
+    plots = [curve_plot(table, points, shown, out), *plots]
     plots = [p for p in plots if p is not None]
     (out / "report.md").write_text(markdown(source, table, found, pairs, left_out, columns, plots, curves))
     return out
