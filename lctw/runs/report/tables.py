@@ -24,7 +24,8 @@ FAMILIES = {
     "weights": ["train/weight_ess_mean", "train/weight_mass_beyond_n_mean"],
     "base": ["base/*"],  # θ0's own measurements (lctw.training.base.base_metrics): the same for runs on one base
 }
-PAIRED = ["eval/copy/*", "eval/recall/*", "eval/ruler/average/*", "val/ce_within_n", "val/ce_beyond_n"]  # against uniform
+# compared with uniform, seed by seed
+PAIRED = ["eval/copy/*", "eval/recall/*", "eval/ruler/average/*", "val/ce_within_n", "val/ce_beyond_n"]
 # The configuration's named columns; other keys that differ between runs are added after them.
 LABELS = {"weighting": "weighting", "weighting.lam": "lam", "weighting.kappa": "kappa", "weighting.gamma": "gamma",
           "scorer": "scorer", "context": "context", "n": "n", "N": "N"}
