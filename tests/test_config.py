@@ -15,6 +15,7 @@ from lctw.config import TRAIN_KEYS, check_keys, check_trainer
 from lctw.config import validate as build_parts
 from lctw.runs import loggers
 from lctw.training.callbacks import TokenWeights
+from lctw.training.curve import LearningCurve
 from lctw.training.preemption import RequeueCheckpoint
 
 # Files starting with "_" hold keys shared by a group's options through `defaults:`; they are not options.
@@ -74,7 +75,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         assert isinstance(built["model"], models.HFModel)
     if group == "eval":
         kinds = {"ppl": "PositionPerplexity", "ruler": "Ruler", "harness": "Harness", "all": "Suite",
-                 "recall": "Recall", "study": "Suite"}
+                 "recall": "Recall", "study": "Suite", "copy": "Copying"}
         assert type(instantiate(cfg.eval)).__name__ == kinds[option]
     data = instantiate(cfg.data, tokenizer=None)
     assert data.max_len == cfg.N
@@ -85,7 +86,8 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
                                                                       "devices": 1, "strategy": "auto"}
     instantiate(cfg.trainer, **trainer_overrides, logger=False, enable_progress_bar=False)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
-    assert all(isinstance(c, (ModelCheckpoint, TQDMProgressBar, TokenWeights, RequeueCheckpoint)) for c in callbacks)
+    allowed = (ModelCheckpoint, TQDMProgressBar, TokenWeights, RequeueCheckpoint, LearningCurve)
+    assert all(isinstance(c, allowed) for c in callbacks)
     logger = instantiate(cfg.logger, _partial_=True)(save_dir=str(tmp_path), name="t", group=None,
                                                      hparams={"a": 1})
     loggers.finish()
@@ -101,13 +103,13 @@ def test_experiments_compose_as_deltas(experiment, scorer, tmp_path):
     extra = ["weighting=uniform"] if scorer == "none" else []
     extra += PAPER if experiment.startswith("paper") else []
     cfg = compose([f"experiment={experiment}", f"scorer={scorer}", *extra], cache=str(tmp_path))
-    if experiment == "base" and scorer != "none":  # the base stage trains at N = n: no θ' can be shorter
+    if experiment.startswith("base") and scorer != "none":  # the base stage trains at N = n: no θ' can be shorter
         with pytest.raises(ValueError, match=r"scorer\.n=256 must be smaller than max_len=256"):
             build_parts(cfg)
         return
     for key in CHEAP:
         instantiate(cfg[key])
-    if experiment == "base":
+    if experiment.startswith("base"):
         assert (cfg.N, cfg.context.method, cfg.model.pretrained, cfg.trainer.val_check_interval) == (
             cfg.n, "none", False, cfg.trainer.max_steps)
     if experiment == "paper_llama3" and scorer == "frozen":

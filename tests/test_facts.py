@@ -99,7 +99,7 @@ class Induction(torch.nn.Module):
         self.vocab, self.window = vocab, window
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, **_):
         b, t = input_ids.shape
         v = self.vocab
         tri = torch.full((b, t), -1, dtype=torch.long)
@@ -139,7 +139,7 @@ def test_the_study_sweep_runs_each_configuration_once_per_seed_at_equal_steps_an
     params = sweep.hydra.sweeper.params
     assert params.experiment == "mini_repro" and params.seed.split(",") == ["0", "1", "2"]
     report = sweep.hydra.callbacks.summary.report  # the study ends in its report (lctw.runs.jobs.SweepSummary)
-    assert list(report.tradeoff) == ["eval/recall/prose_ce_within_n", "eval/recall/ce_beyond_n"]
+    assert list(report.curves)[0] == "eval/copy/random/gain_beyond_n" and "eval/copy/prose_ce_within_n" in report.curves
     arms = params.arm.split(",")
     runs = set()
     for arm in arms:
@@ -148,9 +148,12 @@ def test_the_study_sweep_runs_each_configuration_once_per_seed_at_equal_steps_an
         scorer = cfg.scorer._target_.rsplit(".", 1)[1] if cfg.get("scorer") else None
         param = cfg.weighting.get("lam") if kind == "dense" else cfg.weighting.get("kappa")
         runs.add((kind, param if kind != "uniform" else None, scorer))
-        assert (cfg.trainer.max_steps, cfg.data.batch_size, cfg.N, cfg.n) == (120, 2, 512, 128)  # equal compute
-        assert cfg.data.facts.min_distance == cfg.n and cfg.model.base.data.facts.max_distance < cfg.n
-        assert cfg.eval.recall._target_ == "lctw.eval.recall.Recall"
+        assert (cfg.trainer.max_steps, cfg.data.batch_size, cfg.N, cfg.n) == (150, 2, 512, 128)  # equal compute
+        assert list(cfg.callbacks.curve.steps) == [0, 25, 50, 100, 150]  # the learning curve, the same for all
+        # copies and facts restated at all distances up to N; the base: the copying recipe, refused if it cannot
+        assert cfg.data.copies.get("max_distance") is None and cfg.data.facts.max_distance == cfg.N
+        base = cfg.model.base
+        assert (base.experiment, base.eval, base.min_copy_gain) == ("base_copy", "copy", 2)
     assert len(runs) == len(arms) == 9  # uniform once, without a scorer
     assert ("uniform", None, "NoScorer") in runs
     assert {r for r in runs if r[0] != "uniform"} == {

@@ -171,3 +171,35 @@ def test_a_wandb_group_gives_the_same_table(sweep, tmp_path):
     local_pairs = pd.read_csv(out / "paired.csv")
     pd.testing.assert_frame_equal(local_pairs[local_pairs["metric"] == "val/ce_beyond_n"].reset_index(drop=True),
                                   pairs.reset_index(drop=True), check_dtype=False)
+
+
+def test_learning_curves_are_tabulated_plotted_and_paired_at_every_step(tmp_path):
+    """Curve points ``<metric>@<step>``: mean ± std per configuration and step, and configuration − uniform
+    with the same seed at each step (dense gains 0.5 more than uniform at step 10 in every seed, nothing at 0)."""
+    from lctw.runs.report import report
+
+    fabricate(tmp_path)
+    for job in tmp_path.iterdir():
+        if not (job / "metrics.json").exists():
+            continue
+        weighting, seed = job.name.split("_", 1)[1].replace("weighting=", "").split(",seed=")
+        metrics = json.loads((job / "metrics.json").read_text())
+        lift = {"uniform": 0.0, "dense": 0.5, "sparse": -1.0}[weighting]
+        metrics.update({"eval/copy/random/gain_beyond_n@0": 1.0, "eval/copy/random/gain_beyond_n@10": 3.0 + int(seed)
+                        + lift, "eval/copy/prose_ce_within_n@0": 5.0, "eval/copy/prose_ce_within_n@10": 5.0 + lift})
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    out = report(str(tmp_path), tmp_path / "report", curves=["eval/copy/random/gain_beyond_n",
+                                                              "eval/copy/prose_ce_within_n"])
+    pairs = pd.read_csv(out / "paired.csv").set_index(["configuration", "metric"])
+    dense, sparse = "dense lam=0.75 scorer=frozen", "sparse lam=0.0 kappa=0.25 scorer=frozen"
+    at10 = pairs.loc[(dense, "eval/copy/random/gain_beyond_n@10")]
+    assert (at10["pairs"], at10["diff mean"], at10["diff std"], at10["higher"]) == (3, 0.5, 0.0, 3)
+    assert pairs.loc[(sparse, "eval/copy/random/gain_beyond_n@10"), "pairs"] == 2
+    assert pairs.loc[(dense, "eval/copy/random/gain_beyond_n@0"), "diff mean"] == 0.0
+    text = (out / "report.md").read_text()
+    section = text.split("## Learning curves")[1].split("\n## ")[0]
+    assert "### eval/copy/random/gain_beyond_n" in section and "| configuration | seeds | step 0 | step 10 |" in section
+    assert "| uniform scorer=none | 3 | 1.000 ± 0.000 | 4.000 ± 1.000 |" in section
+    assert f"| {dense} | +0.000 ± 0.000 (p –, 0/0) | +0.500 ± 0.000 (p –, 3/0) |" in section  # std 0: no t-test
+    assert "@10" not in text.split("## Learning curves")[0] and (out / "curves.png").exists()
+    assert "![curves](curves.png)" in text

@@ -20,7 +20,14 @@ Tokenization and chunking run through ``datasets.map`` and are cached on disk.
 chunk and restates them later, at ``facts.rate`` per 1,000 tokens and ``facts.min_distance`` to
 ``facts.max_distance`` tokens apart (see :mod:`lctw.data.facts` for exactly how): the train split with the
 training keys and values, the validation split with the held-out ones. ``conf/data/essays_facts.yaml``
-plants them beyond n in the long-context data; the study's base stage plants them within n.
+plants them beyond n in the long-context data.
+
+``copies`` (a dict of :class:`lctw.data.copies.Copies` options, or null) plants spans restated later
+(random token ids or the prose itself, :mod:`lctw.data.copies`), with held-out random spans and documents in
+validation. With both, ``mixture`` shares the rows between kinds (plain, facts, copies, repeats;
+:mod:`lctw.data.mixture`): the copying base's data (``conf/experiment/base_copy.yaml``) and the study's
+(``conf/data/essays_copies.yaml``). ``passes`` > 1 plants the train documents that many times, each pass cut at
+another offset and planted anew, so that epochs over a small corpus do not repeat their random spans.
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ import pyarrow
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lctw.data.copies import Copies, Vocabulary
 from lctw.data.facts import Facts
+from lctw.data.mixture import Mixture
 
 SOURCES = ("essays", "files", "hf")
 _MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
@@ -97,6 +106,9 @@ class LongDocuments(L.LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
         facts: dict | None = None,
+        copies: dict | None = None,
+        mixture: dict | None = None,
+        passes: int = 1,
         tokenizer=None,
     ):
         super().__init__()
@@ -116,9 +128,15 @@ class LongDocuments(L.LightningDataModule):
         for key, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
             if value is not None and value < 1:
                 raise ValueError(f"{key}={value} is out of range: allowed >= 1")
-        if facts is not None and not drop_remainder:
-            raise ValueError("facts needs drop_remainder=true (every chunk with facts is N tokens long)")
+        if (facts is not None or copies is not None) and not drop_remainder:
+            raise ValueError("facts and copies need drop_remainder=true (every planted chunk is N tokens long)")
         self.facts = Facts.from_options(facts) if facts is not None else None
+        self.copies = Copies.from_options(copies) if copies is not None else None
+        self.mixture = self._mixture(mixture)
+        if passes < 1 or (passes > 1 and self.mixture is None):
+            raise ValueError(f"passes={passes} is out of range: allowed >= 1, and 1 without facts or copies (a pass "
+                             "plants the documents anew; plain chunks would only repeat)")
+        self.passes = int(passes)
         self.max_len, self.source, self.path, self.name = int(max_len), source, path, name
         self.config_name, self.split, self.val_split, self.text_field = config_name, split, val_split, text_field
         self.val_fraction, self.max_docs, self.drop_remainder = val_fraction, max_docs, drop_remainder
@@ -131,6 +149,15 @@ class LongDocuments(L.LightningDataModule):
         self.val_documents: datasets.Dataset | None = None  # the held-out documents' text (eval=recall)
         self.fingerprints: dict[str, str] = {}  # split -> stable key of its chunks (see _chunks)
         self._resume: dict | None = None  # where an interrupted run stopped (load_state_dict)
+
+    def _mixture(self, shares: dict | None) -> Mixture | None:
+        """The row kinds: ``mixture`` when given, else every row planted with the one option set."""
+        if shares is None:
+            if self.facts is not None and self.copies is not None:
+                raise ValueError("facts and copies share the rows by mixture: set mixture (e.g. {plain: 0.25, "
+                                 "facts: 0.25, copies: 0.5})")
+            shares = {"facts": 1.0} if self.facts is not None else {"copies": 1.0} if self.copies is not None else None
+        return None if shares is None else Mixture(dict(shares), self.facts, self.copies)
 
     # -- documents ------------------------------------------------------------------------------
     def documents(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -240,34 +267,39 @@ class LongDocuments(L.LightningDataModule):
                     out_ids.append([bos] + piece + [pad] * (step - len(piece)))
             return {"input_ids": out_ids, "length": out_len}
 
-        facts, facts_split = self.facts, "train" if split == "train" else "heldout"
-        seed = self.seed
+        mixture, held = self.mixture, "train" if split == "train" else "heldout"
+        vocabulary = Vocabulary.of(tok) if self.copies is not None else None
+        seed, passes = self.seed, self.passes if split == "train" else 1
 
         def plant(batch, indices):
             out_ids, out_len = [], []
+            step = n_max - 1
             for ids, doc in zip(batch["ids"], indices, strict=True):
-                rng = random.Random(f"{seed}-{split}-{doc}")  # a str seed is hashed deterministically
-                start, step = 0, n_max - 1
-                while len(ids) - start >= step:  # room for a chunk even without statements
-                    piece, _, used = facts.plant(ids[start:], step, tok, facts_split, rng)
-                    start += used
-                    out_ids.append([bos] + piece)
-                    out_len.append(n_max)
+                for p in range(passes):  # each pass cuts the document at another offset and plants anew
+                    rng = random.Random(f"{seed}-{split}-{doc}" + (f"-{p}" if p else ""))  # a str seed is hashed
+                    start = p * step // passes
+                    while len(ids) - start >= step:  # room for a chunk even without statements
+                        piece, used = mixture.row(ids[start : start + step], step, tok, vocabulary, held, rng)
+                        start += used
+                        out_ids.append([bos] + piece)
+                        out_len.append(n_max)
             return {"input_ids": out_ids, "length": out_len}
 
         tokens = docs.map(tokenize, batched=True, remove_columns=["text"], num_proc=self.num_proc,
                           desc=f"tokenize {split}")
-        if facts is None:
+        if mixture is None:
             chunks = tokens.map(chunk, batched=True, remove_columns=["ids"], num_proc=self.num_proc,
                                 desc=f"chunk {split} into N={n_max}")
         else:
             chunks = tokens.map(plant, batched=True, with_indices=True, remove_columns=["ids"],
-                                num_proc=self.num_proc, desc=f"chunk {split} into N={n_max} with planted facts")
+                                num_proc=self.num_proc, desc=f"chunk {split} into N={n_max}, planted")
         # A key that names these chunks across processes: the documents' fingerprint (deterministic from the
         # source, the split seed and max_docs) plus everything chunking adds. datasets' own fingerprint of
         # the mapped split hashes the pickled tokenizer, whose state changes once it has padded a batch.
-        key = json.dumps([docs._fingerprint, n_max, drop, bos, pad, facts and facts.options(),
-                          seed if facts else None])
+        key = [docs._fingerprint, n_max, drop, bos, pad, self.facts and self.facts.options(), seed if mixture else None]
+        if mixture is not None and (mixture.options() != {"facts": 1.0} or passes > 1):  # facts alone: keys as before
+            key.append([mixture.options(), self.copies and self.copies.options(), passes])
+        key = json.dumps(key)
         self.fingerprints[split] = hashlib.sha256(key.encode()).hexdigest()[:16]
         if len(chunks) == 0:
             raise ValueError(

@@ -120,7 +120,8 @@ class HFModel:
 class TinyLlama(HFModel):
     """A few-million-parameter Llama for CPU development whose θ0 is pretrained at context n by the base stage.
 
-    ``pretrained=false`` gives the architecture freshly initialised (what the base stage trains).
+    ``pretrained=false`` gives the architecture freshly initialised (what the base stage trains), or with
+    ``init`` the weights of that directory (a phased base's next phase, :mod:`lctw.training.phases`).
     ``base`` holds deltas to the base stage's recipe (``conf/experiment/base.yaml``, :mod:`lctw.training.base`).
     ``corpus`` returns the texts the tokenizer is trained on the first time it is needed (Hydra passes
     :func:`lctw.data.essays`); the trained tokenizer is cached under ``<cache_dir>/tiny``.
@@ -142,15 +143,18 @@ class TinyLlama(HFModel):
         seed: int = 0,
         base: dict | None = None,
         pretrained: bool = True,
+        init: str | None = None,
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
         corpus: Callable[[], list[str]] | None = None,
     ):
+        if init is not None and pretrained:
+            raise ValueError(f"init={init!r} needs pretrained=false (init is where the base stage starts from)")
         super().__init__("", attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing)
         self.arch = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                          num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
                          intermediate_size=intermediate_size, rope_theta=rope_theta)
-        self.n, self.seed, self.pretrained = int(n), int(seed), bool(pretrained)
+        self.n, self.seed, self.pretrained, self.init = int(n), int(seed), bool(pretrained), init
         self.base = dict(base or {})
         self.cache_dir, self.corpus = cache_dir, corpus
         self.root = Path(cache_dir).expanduser() / "tiny"
@@ -187,6 +191,11 @@ class TinyLlama(HFModel):
         return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
 
     def load(self, weights: bool = True):
+        if self.init is not None and weights:  # the next phase of a phased base starts from the previous one's θ
+            from transformers import LlamaForCausalLM
+
+            model = LlamaForCausalLM.from_pretrained(self.init, attn_implementation=self.attn_implementation)
+            return self._finish(model)
         if not self.pretrained or not weights:
             return self._finish(self.initial())
         return super().load()

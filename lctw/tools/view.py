@@ -131,7 +131,7 @@ def inspect_text(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> d
     return result
 
 
-@hydra.main(config_path="../conf", config_name="inspect", version_base="1.3")
+@hydra.main(config_path="../../conf", config_name="inspect", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_job(cfg, inspect_text)
 

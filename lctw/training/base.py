@@ -3,7 +3,8 @@
     python train.py experiment=base                                # one base run; θ0 in <run dir>/hf
     python train.py -m experiment=base optimizer.lr=1e-3,3e-3      # sweep its recipe
 
-The recipe is ``conf/experiment/base.yaml`` (``scorer=none``, ``weighting=uniform``, ``context=none``,
+The recipe is ``conf/experiment/base.yaml`` (or the one ``model.base.experiment`` names: ``base_copy``,
+the copying base in phases, :mod:`lctw.training.phases`) (``scorer=none``, ``weighting=uniform``, ``context=none``,
 N = n, its own optimizer, schedule and steps), run by the same :func:`lctw.training.experiment.run` as every
 other stage. ``model=tiny`` needs a genuine θ0: the entry points run :func:`prepare` (through
 :mod:`lctw.training.stages`) before any model is built; it runs this stage under a file lock (parallel
@@ -14,8 +15,9 @@ architecture), so a change to either builds a new base; ``model.base`` holds del
 
 What θ0 can do is part of every result built on it: :func:`base_metrics` hands θ0's own measurements
 (``val/ce`` at n and, when the recipe has an ``eval`` such as ``experiment=mini_repro``'s ``eval=recall``,
-its within-n recall of planted facts) to each run as ``base/<key>``, and says when θ0 cannot copy
-within n, the case in which no weighting can show recall beyond n.
+its within-n recall of planted facts, or with ``eval=copy`` its copying by distance) to each run as
+``base/<key>``, and says when θ0 cannot copy within n, the case in which no weighting can show recall
+beyond n; with ``model.base.min_copy_gain`` (``experiment=mini_repro``) such a θ0 is refused before the run.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lctw.errors import ConfigError
 from lctw.models.specs import build_lock
 from lctw.runs.checkpoints import theta_part
 from lctw.runs.jobs import read_metrics
@@ -65,15 +68,22 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
+# Keys of model.base that are not deltas to the recipe: which recipe, what θ0 is measured by, what it must reach.
+_CHOICES = ("experiment", "eval", "min_copy_gain")
+
+
 def base_config(spec) -> DictConfig:
     """The composed config of the base stage for a tiny model spec (its architecture, n and seed).
 
-    ``model.base.eval`` names an option of the ``eval`` group (``recall``): the evaluation run on θ0 when it
-    is built (a name, not a node: the model spec is instantiated, and an eval node in it would be too)."""
+    ``model.base.experiment`` names the recipe (default ``base``; ``base_copy``: the copying base in phases);
+    ``model.base.eval`` names an option of the ``eval`` group (``recall``, ``copy``): the evaluation run on θ0
+    when it is built (names, not nodes: the model spec is instantiated, and an eval node in it would be too).
+    ``model.base.min_copy_gain`` is what θ0 must reach (:func:`base_metrics`), not part of the recipe."""
     arch = [f"model.{k}={v}" for k, v in spec.arch.items()]
-    deltas = dict(spec.base)
-    evaluation = [f"eval={deltas.pop('eval')}"] if deltas.get("eval") else []
-    cfg = compose(["experiment=base", f"n={spec.n}", f"seed={spec.seed}", f"paths.cache={spec.cache_dir}", *arch,
+    deltas = {k: v for k, v in spec.base.items() if k not in _CHOICES}
+    evaluation = [f"eval={spec.base['eval']}"] if spec.base.get("eval") else []
+    recipe = spec.base.get("experiment") or "base"
+    cfg = compose([f"experiment={recipe}", f"n={spec.n}", f"seed={spec.seed}", f"paths.cache={spec.cache_dir}", *arch,
                    *evaluation])
     return OmegaConf.merge(cfg, deltas) if deltas else cfg
 
@@ -106,7 +116,8 @@ def build_base(spec, path: Path) -> None:
     from lctw.training.experiment import run
 
     cfg = base_config(spec)
-    log.info("building the tiny base model at n=%d (%d steps; cached in %s)", spec.n, cfg.trainer.max_steps, path)
+    steps = sum(p.trainer.max_steps for p in cfg.phases) if cfg.get("phases") else cfg.trainer.max_steps
+    log.info("building the tiny base model at n=%d (%d steps; cached in %s)", spec.n, steps, path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -120,17 +131,38 @@ def build_base(spec, path: Path) -> None:
 # A model that copies the four-digit value gains up to 4 ln 10 = 9.2 nats over the control; below this
 # gain per value θ0 is not counted as recalling within n.
 COPIES = 1.0
+# θ0's within-n copying as eval=copy measures it: gain per copied token on held-out random spans.
+COPY_GAIN = "eval/copy/random/gain_within_n"
+
+
+def check_copying(measured: dict[str, float], minimum: float, where: Path) -> None:
+    """Refuse a θ0 that does not copy within n: a run on it could not show copying beyond n."""
+    gain = measured.get(COPY_GAIN)
+    if gain is None:
+        raise ConfigError(f"model.base.min_copy_gain={minimum}: θ0 in {where} has no {COPY_GAIN} (it was built "
+                          "without model.base.eval=copy); delete it to rebuild it with that evaluation")
+    figure = (f"gain {gain:.3f} ± {measured.get(COPY_GAIN + '_sem', float('nan')):.3f} nats per copied token, exact "
+              f"match {measured.get('eval/copy/random/acc_within_n', float('nan')):.2f}")
+    if gain < minimum:
+        raise ConfigError(f"model.base.min_copy_gain={minimum}: θ0 does not copy within n ({figure} on held-out "
+                          f"random spans; {where}), so no run on it can show copying beyond n. Train the base "
+                          "longer or change its recipe (model.base.experiment, model.base.*)")
+    log.info("θ0 copies within n: %s", figure)
 
 
 def base_metrics(spec) -> dict[str, float]:
     """θ0's measurements from its base run (``<cache>/tiny/<key>/metrics.json``) as ``base/<key>``:
     ``val/ce`` and every ``eval/*`` metric; empty for a model that was not built by the base stage.
-    Logs θ0's within-n recall when it was measured, with a warning when it is below :data:`COPIES`."""
+    Logs θ0's within-n recall when it was measured, with a warning when it is below :data:`COPIES`.
+    With ``model.base.min_copy_gain``, a θ0 whose within-n copy gain (:data:`COPY_GAIN`) is below it, or was
+    not measured, is refused (a :class:`ConfigError` with the figure), before any run on it starts."""
     if not getattr(spec, "built_locally", False) or not getattr(spec, "pretrained", False):
         return {}
     path = spec.path.parent / "metrics.json"
     measured = read_metrics(path)
     out = {f"base/{k}": v for k, v in measured.items() if k == "val/ce" or k.startswith("eval/")}
+    if spec.base.get("min_copy_gain") is not None:
+        check_copying(measured, float(spec.base["min_copy_gain"]), path.parent)
     gain = measured.get("eval/recall/gain_within_n")
     if gain is None:
         if spec.base.get("eval"):

@@ -2,6 +2,7 @@
 
     python train.py                        # the default experiment (builds the tiny base on first use)
     python train.py experiment=base        # the base stage is a run like any other
+    python train.py experiment=base_copy   # a run in phases (lctw.training.phases), each a run()
 
 ``train.py`` runs it through :func:`lctw.training.stages.train`, which builds θ0 first when it is
 not cached (the base stage, itself a :func:`run`). Everything that can be checked without weights is checked first
@@ -27,8 +28,10 @@ from lctw.models.theta import build_theta, save_theta
 from lctw.runs import loggers
 from lctw.runs.checkpoints import VerifiedCheckpointIO, check_resume
 from lctw.runs.jobs import read_metrics, write_metrics
+from lctw.training.curve import LearningCurve
 from lctw.training.distributed import gather_theta, is_sharded_module, receives_weights
 from lctw.training.module import TokenWeightingLM
+from lctw.training.phases import phase_configs, phase_dirs
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +52,29 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> str | None:
     return option
 
 
+def run_phases(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """A phased run (:mod:`lctw.training.phases`): every phase validated first, then run in turn; returns the
+    last phase's metrics."""
+    configs = phase_configs(cfg, run_dir)
+    parts = [validate(phase) for phase in configs]
+    for k, (phase, phase_dir) in enumerate(zip(configs, phase_dirs(run_dir, len(configs)), strict=True)):
+        log.info("phase %d of %d: %d steps, rows of %d tokens, batch %d (%s)", k + 1, len(configs),
+                 phase.trainer.max_steps, phase.data.max_len, phase.data.batch_size, phase_dir)
+        metrics = run(phase, phase_dir, parts[k])
+    return metrics
+
+
 def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, parts: Parts | None = None) -> dict[str, float]:
     """Train one configuration; returns the final metrics. W&B is finished whatever happens. ``parts``:
     :func:`lctw.config.validate`'s result when the caller validated already (the stages, after θ0)."""
-    parts = parts or validate(cfg)
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = HydraConfig.get().runtime.output_dir
     run_dir = Path(run_dir)
+    if cfg.get("phases"):
+        return run_phases(cfg, run_dir)
+    parts = parts or validate(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg.data, "data", tokenizer=parts.tokenizer)
     ckpt_path = resume_point(cfg, run_dir)
@@ -98,6 +115,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, parts: Parts 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics.update(before)
+        for cb in callbacks:
+            if isinstance(cb, LearningCurve):  # its points, <metric>@<step>, are part of the result
+                metrics.update(cb.metrics)
         metrics.update(parts.base)  # what θ0 could do: part of the result
         theta = module.model
         if is_sharded_module(theta):  # trainer=fsdp: every rank gathers, rank 0 exports the full θ

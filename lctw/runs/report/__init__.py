@@ -18,11 +18,15 @@ that differs between the runs. Written to ``--out`` (default ``<sweep>/report``)
   weight diagnostics averaged over training steps);
 * ``paired.csv`` and a section of ``report.md``: each configuration against uniform weighting with the
   same other keys, seed by seed: the difference's mean ± std, a paired t-test and a sign test;
+* learning curves (metrics recorded during training as ``<metric>@<step>``, :mod:`lctw.training.curve`):
+  a section of ``report.md`` per curve (``--curves``) with mean ± std per step and the paired test against
+  uniform at every step, and ``curves.png`` (one panel per curve, a line per configuration, seed bands);
 * ``length_*.png`` (each metric family ``<prefix>/<length>``, one line per configuration),
   ``position_ce.png`` (CE by position bucket), ``histograms.png`` (scores and weights sampled in
   training), ``tradeoff.png`` (``--tradeoff X Y``, one point per configuration with seed error bars).
 
-``runs.py`` collects the runs, ``tables.py`` makes the tables, ``plots.py`` the plots; :func:`report` joins them.
+``runs.py`` collects the runs, ``tables.py`` makes the tables, ``plots.py`` the plots, ``curves.py`` the learning
+curves; :func:`report` joins them.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lctw.runs.report.curves import CURVE, curve_plot, curve_points
 from lctw.runs.report.plots import LENGTH_PLOTS, histogram_plot, length_plots, position_plot, tradeoff_plot
 from lctw.runs.report.runs import Run, local_runs, wandb_runs
 from lctw.runs.report.tables import (
+    CURVES,
     FAMILIES,
     PAIRED,
     config_columns,
@@ -48,8 +54,11 @@ __all__ = ["FAMILIES", "Run", "configurations", "local_runs", "main", "paired", 
 
 def report(source: str, out: Path | None = None, families: dict[str, list[str]] | None = None,
            paired_metrics: list[str] | None = None, length_patterns: list[str] | None = None,
-           tradeoff: tuple[str, str] = ("val/ce_within_n", "val/ce_beyond_n"), api=None) -> Path:
-    """Collect the runs of ``source`` (a local sweep directory, else a W&B group) and write the report."""
+           tradeoff: tuple[str, str] = ("val/ce_within_n", "val/ce_beyond_n"), curves: list[str] | None = None,
+           api=None) -> Path:
+    """Collect the runs of ``source`` (a local sweep directory, else a W&B group) and write the report.
+    ``curves``: the learning-curve metrics (``<metric>`` of ``<metric>@<step>``) to plot and tabulate, in
+    order (default: every one the runs have)."""
     families = families or FAMILIES
     local = Path(source).expanduser().exists()
     if not local and source.startswith(("/", ".", "~")):
@@ -63,14 +72,19 @@ def report(source: str, out: Path | None = None, families: dict[str, list[str]] 
     columns = config_columns(runs)
     found = metric_families(runs, families)
     metrics = [m for names in found.values() for m in names]
-    pairs = paired(per_run, [m for m in metrics if matches_any(m, paired_metrics or PAIRED)], columns)
+    points = curve_points(found.get(CURVES, []))
+    shown = curves or list(points)  # a curve shown is paired at every step
+    chosen = [m for m in metrics if matches_any(m, paired_metrics or PAIRED) or CURVE.match(m) and
+              CURVE.match(m)["metric"] in shown]
+    pairs = paired(per_run, chosen, columns)
     table.to_csv(out / "report.csv")
     per_run.to_csv(out / "runs.csv", index=False)
     pairs.to_csv(out / "paired.csv", index=False)
     plots = [*length_plots(table, metrics, length_patterns or LENGTH_PLOTS, out), position_plot(table, metrics, out),
              histogram_plot(runs, per_run, out), tradeoff_plot(table, *tradeoff, out)]
+    plots = [curve_plot(table, points, shown, out), *plots]
     plots = [p for p in plots if p is not None]
-    (out / "report.md").write_text(markdown(source, table, found, pairs, left_out, columns, plots))
+    (out / "report.md").write_text(markdown(source, table, found, pairs, left_out, columns, plots, curves))
     return out
 
 
@@ -92,10 +106,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--family", action="append", help="NAME=GLOB[,GLOB] metric family (repeatable)")
     parser.add_argument("--paired", nargs="+", help=f"metrics compared with uniform (globs; default {PAIRED})")
     parser.add_argument("--length", nargs="+", help=f"metrics plotted against length (globs; default {LENGTH_PLOTS})")
+    parser.add_argument("--curves", nargs="+", help="learning-curve metrics to plot, in order (default: all)")
     parser.add_argument("--tradeoff", nargs=2, metavar=("X", "Y"), default=("val/ce_within_n", "val/ce_beyond_n"),
                         help="metrics of the trade-off plot (default: val/ce_within_n val/ce_beyond_n)")
     args = parser.parse_args(argv)
-    out = report(args.source, args.out, _families(args.family), args.paired, args.length, tuple(args.tradeoff))
+    out = report(args.source, args.out, _families(args.family), args.paired, args.length, tuple(args.tradeoff),
+                 args.curves)
     print(f"report written to {out / 'report.md'}")
     return out
 

@@ -12,17 +12,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lctw.runs.report.curves import CURVE, curve_points, curve_tables
 from lctw.runs.report.runs import Run
 
 # Metric families: title -> glob patterns over metric names; a metric belongs to the first family it matches.
 FAMILIES = {
+    "copy": ["eval/copy/*"],
     "recall": ["eval/recall/*"],
     "RULER": ["eval/ruler/*"],
     "CE": ["val/ce", "val/ce_within_n", "val/ce_beyond_n", "eval/ce/*"],
     "weights": ["train/weight_ess_mean", "train/weight_mass_beyond_n_mean"],
     "base": ["base/*"],  # θ0's own measurements (lctw.training.base.base_metrics): the same for runs on one base
 }
-PAIRED = ["eval/recall/*", "eval/ruler/average/*", "val/ce_within_n", "val/ce_beyond_n"]  # against uniform
+# compared with uniform, seed by seed
+PAIRED = ["eval/copy/*", "eval/recall/*", "eval/ruler/average/*", "val/ce_within_n", "val/ce_beyond_n"]
 # The configuration's named columns; other keys that differ between runs are added after them.
 LABELS = {"weighting": "weighting", "weighting.lam": "lam", "weighting.kappa": "kappa", "weighting.gamma": "gamma",
           "scorer": "scorer", "context": "context", "n": "n", "N": "N"}
@@ -48,12 +51,16 @@ def config_columns(runs: list[Run]) -> list[str]:
     return keys + varying
 
 
+CURVES = "learning curves"  # the family of every <metric>@<step> (lctw.runs.report.curves), before the others
+
+
 def metric_families(runs: list[Run], families: dict[str, list[str]]) -> dict[str, list[str]]:
-    """family -> the metric names of that family present in the runs, in a stable order."""
+    """family -> the metric names of that family present in the runs, in a stable order. Points of a
+    learning curve (``<metric>@<step>``) form the family :data:`CURVES`, whatever their metric."""
     names = sorted({k for r in runs for k in r.metrics}, key=_natural)
-    out: dict[str, list[str]] = {f: [] for f in families}
+    out: dict[str, list[str]] = {CURVES: [], **{f: [] for f in families}}
     for name in names:
-        family = next((f for f, patterns in families.items() if matches_any(name, patterns)), None)
+        family = CURVES if CURVE.match(name) else next((f for f, p in families.items() if matches_any(name, p)), None)
         if family:
             out[family].append(name)
     return {f: v for f, v in out.items() if v}
@@ -148,14 +155,23 @@ def _md_table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def markdown(source: str, table: pd.DataFrame, families: dict[str, list[str]], pairs: pd.DataFrame,
-             left_out: list[str], columns: list[str], plots: list[Path]) -> str:
+             left_out: list[str], columns: list[str], plots: list[Path], curves: list[str] | None = None) -> str:
     runs = int(table["seeds"].sum()) if len(table) else 0
     lines = [f"# Sweep report: {source}", "",
              f"{len(table)} configurations, {runs} completed runs; mean ± std (n−1) over seeds."]
     if left_out:
         lines.append(f"Left out (not completed): {', '.join(left_out)}.")
     label = [LABELS.get(c, c) for c in columns]
+    if families.get(CURVES):
+        points = curve_points(families[CURVES])
+        lines += ["", "## Learning curves", "", "Measured during training at the listed steps (`<metric>@<step>` in "
+                  "runs.csv and paired.csv, which hold every metric at every step)."]
+        for title, caption, header, rows in curve_tables(table, pairs, points, curves or list(points)):
+            lines += ["", *([f"### {title}", ""] if title else []), caption, "", *_md_table(header, rows)]
+    pairs = pairs[~pairs["metric"].str.match(CURVE.pattern)] if len(pairs) else pairs  # the curves show theirs
     for family, names in families.items():
+        if family == CURVES:
+            continue
         lines += ["", f"## {family}", ""]
         rows = [[*(row[c] for c in columns), int(row["seeds"]),
                  *(_pm(row[f"{m} mean"], row[f"{m} std"]) for m in names)] for _, row in table.iterrows()]
