@@ -72,6 +72,7 @@ def test_bad_phases_are_refused_before_anything_runs(overrides, match, hydra_con
         phase_configs(compose(["experiment=base_copy", *overrides]), tmp_path)
 
 
+@pytest.mark.integration
 def test_a_phased_run_chains_its_phases_through_theta_and_one_schedule(tmp_path):
     """The real thing, shrunk: two phases of 3 steps (rows of 16, then of 32 tokens), each a run."""
     from lctw.training.stages import train
@@ -130,6 +131,7 @@ def test_the_study_refuses_to_train_on_a_base_that_does_not_copy(tmp_path, monke
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
 def test_a_learning_curve_records_the_evaluation_at_its_steps(tmp_path):
     from lctw.training.stages import train
 
