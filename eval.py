@@ -6,14 +6,19 @@
 """
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lctw.eval.evaluate import evaluate
+from lctw import threads
 from lctw.runs.jobs import run_job
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    threads.configure()  # before torch loads, also in a launcher's worker process (lctw/threads.py)
+    from lctw.eval.evaluate import evaluate
+
+    threads.follow(HydraConfig.get().runtime.output_dir)
     run_job(cfg, evaluate)
 
 

@@ -11,14 +11,19 @@ Prints the cache directory.
 """
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lctw.cache.fill import fill_cache
+from lctw import threads
 from lctw.runs.jobs import run_job
 
 
 @hydra.main(config_path="conf", config_name="score", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    threads.configure()  # before torch loads, also in a launcher's worker process (lctw/threads.py)
+    from lctw.cache.fill import fill_cache
+
+    threads.follow(HydraConfig.get().runtime.output_dir)
     run_job(cfg, fill_cache)
 
 

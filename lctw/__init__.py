@@ -15,4 +15,7 @@ The package, from the paper outwards (each folder's docstring says what it owns 
 * ``runs/``     what a run leaves on disk: status and metrics, checkpoints, loggers, the sweep report.
 * ``config/``   the one validation layer the entry points run before anything loads.
 * ``tools/``    the token view: where the scores land in a text.
+
+Two leaf modules sit beside them: ``errors.py`` (the configuration error every layer raises) and
+``threads.py`` (the CPU thread policy the entry points set before torch loads; standard library only).
 """
