@@ -7,7 +7,7 @@
   ``completed`` or ``failed`` (with the error's type, its first line and the traceback); the error is
   also logged to ``train.log``. A run that fails before doing anything leaves exactly that stub.
 * A multirun goes on when one job fails: :func:`run_job` records the failure and returns, and
-  :class:`lctw.runs.report.sweep.SweepSummary` (a Hydra callback) prints one line per job (status, directory, error) and
+  :class:`lctw.runs.sweep.SweepSummary` (a Hydra callback) prints one line per job (status, directory, error) and
   writes ``summary.json`` and ``summary.md`` in the sweep directory; the sweep then exits non-zero.
 """
 

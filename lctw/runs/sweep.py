@@ -1,6 +1,8 @@
 """The sweep's end: a summary of its jobs and, when asked, its report (a Hydra callback).
 
-``conf/hydra/default.yaml`` installs :class:`SweepSummary` for every multirun.
+``conf/hydra/default.yaml`` installs :class:`SweepSummary` for every multirun. Hydra builds it before the
+first job, so it imports nothing heavy (the report, and with it torch, only when the sweep ends): the
+entry points set the thread policy before torch loads (:mod:`lctw.threads`).
 """
 
 from __future__ import annotations
