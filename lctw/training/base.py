@@ -165,9 +165,10 @@ def base_metrics(spec) -> dict[str, float]:
         check_copying(measured, float(spec.base["min_copy_gain"]), path.parent)
     gain = measured.get("eval/recall/gain_within_n")
     if gain is None:
-        if spec.base.get("eval"):
-            log.warning("θ0's within-n recall was not measured when %s was built; delete it to rebuild it "
-                        "with model.base.eval", path.parent)
+        evaluation = spec.base.get("eval")
+        if evaluation and not any(k.startswith(f"eval/{evaluation}/") for k in measured):
+            log.warning("θ0's model.base.eval=%s was not measured when %s was built; delete it to rebuild it",
+                        evaluation, path.parent)
         return out
     sem, acc = measured.get("eval/recall/gain_within_n_sem", float("nan")), measured["eval/recall/acc_within_n"]
     figure = (f"θ0's within-n recall of planted facts: gain {gain:.3f} ± {sem:.3f} nats per value over the "
