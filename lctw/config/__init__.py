@@ -25,7 +25,7 @@ Tokenizers are cheap and are compared here; no model weights and no data are eve
 
 Every rule a configuration must satisfy lives in this package, in three files a user who hits a
 refusal can read end to end: ``types.py`` (types against the constructors, :func:`build`),
-``runtime.py`` (Trainer, machine, batch, launch, files and devices) and this module (the top-level keys,
+``runtime.py`` (Trainer, machine, batch, launch) and this module (the top-level keys,
 the cross-key invariants, and the entry points' :func:`validate`, :func:`validate_evaluation`; the token view's
 :func:`lctw.tools.view.validate_inspection` builds on them).
 
