@@ -5,20 +5,22 @@
     python eval.py ckpt=<run dir> eval=ppl
 """
 
+# ruff: noqa: E402 - the thread policy is decided before torch loads (lctw/threads.py)
+from lctw import threads
+
+threads.configure()
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lctw import threads
+from lctw.eval.evaluate import evaluate
 from lctw.runs.jobs import run_job
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    threads.configure()  # before torch loads, also in a launcher's worker process (lctw/threads.py)
-    from lctw.eval.evaluate import evaluate
-
-    threads.follow(HydraConfig.get().runtime.output_dir)
+    threads.follow(HydraConfig.get().runtime.output_dir)  # the thread count, followed; threads.json
     run_job(cfg, evaluate)
 
 

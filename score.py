@@ -10,20 +10,22 @@ Resumable: an interrupted run (or one stopped by ``score.limit``) continues afte
 Prints the cache directory.
 """
 
+# ruff: noqa: E402 - the thread policy is decided before torch loads (lctw/threads.py)
+from lctw import threads
+
+threads.configure()
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lctw import threads
+from lctw.cache.fill import fill_cache
 from lctw.runs.jobs import run_job
 
 
 @hydra.main(config_path="conf", config_name="score", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    threads.configure()  # before torch loads, also in a launcher's worker process (lctw/threads.py)
-    from lctw.cache.fill import fill_cache
-
-    threads.follow(HydraConfig.get().runtime.output_dir)
+    threads.follow(HydraConfig.get().runtime.output_dir)  # the thread count, followed; threads.json
     run_job(cfg, fill_cache)
 
 

@@ -18,7 +18,8 @@ The policy (``LCTW_THREADS=auto``, ``LCTW_WAIT_POLICY=auto``):
   the last check): a run alone drops to the fair share when a second one starts and comes back up
   when that one ends.
 
-Overrides: ``LCTW_THREADS=<int>`` fixes the thread count, ``LCTW_WAIT_POLICY=active|passive`` the wait
+Overrides: ``LCTW_THREADS=<int>`` fixes the thread count (``off``: no policy, the runtime's defaults),
+``LCTW_WAIT_POLICY=active|passive`` the wait
 policy; ``OMP_NUM_THREADS`` / ``OMP_WAIT_POLICY`` set by the user are kept as they are. What a run used
 is logged and written to ``threads.json`` in its run directory.
 
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -106,26 +107,34 @@ def omp_environment(policy: Policy, env: Mapping[str, str]) -> dict[str, str | N
 _policy: Policy | None = None
 _record: Path | None = None
 _changes: list[tuple[float, int]] = []
+_registered: set[Path] = set()
 
 
 def configure() -> Policy:
     """Decide this process's policy and set the OMP_* variables; register it as a running lctw run.
-    Call it before torch is imported (once per process; later calls return the same policy)."""
+    Call it before torch is imported (once per process; later calls return the same policy).
+
+    A multirun's launcher process is registered only when it runs a job itself (:func:`follow`). A
+    launcher's worker process (joblib, submitit_local) loads torch with the pickled job before any
+    lctw code runs: there the wait policy is the one inherited from the launcher, and only the thread
+    count is decided (and followed)."""
     global _policy
     if _policy is not None:
         return _policy
-    if "torch" in sys.modules:
-        log.warning("lctw.threads.configure() after torch was imported: the wait policy stays as it is")
-    _register()
+    if not {"-m", "--multirun"} & set(sys.argv):
+        _register()
     busy = 0.0 if os.environ.get(THREADS) == "off" else _busy_cores(SAMPLE_S)
     _policy = decide(_cores(), busy, len(_peers()), os.environ)
-    set_here = omp_environment(_policy, os.environ)
-    for key, value in set_here.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    os.environ[OURS] = ",".join(f"{k}={v}" for k, v in set_here.items() if v is not None)
+    if "torch" in sys.modules:  # too late for OMP_*: record the wait policy the runtime read
+        _policy = replace(_policy, wait=os.environ.get("OMP_WAIT_POLICY", "default").lower())
+    else:
+        set_here = omp_environment(_policy, os.environ)
+        for key, value in set_here.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        os.environ[OURS] = ",".join(f"{k}={v}" for k, v in set_here.items() if v is not None)
     _changes.append((0.0, _policy.threads))
     return _policy
 
@@ -136,6 +145,7 @@ def follow(run_dir: str | os.PathLike | None = None) -> None:
     (checked at module calls, on the thread that runs them)."""
     global _record
     policy = configure()
+    _register()
     torch = sys.modules["torch"]
     if policy.decided_by != f"{THREADS}=off":
         torch.set_num_threads(policy.threads)
@@ -205,6 +215,9 @@ def registry() -> Path:
 
 def _register() -> None:
     path = registry() / str(os.getpid())
+    if path in _registered:
+        return
+    _registered.add(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(_start_time(os.getpid()) or "")
     atexit.register(path.unlink, missing_ok=True)
