@@ -81,7 +81,7 @@ def test_an_oom_on_one_rank_is_agreed_on_and_reported(tmp_path):
     assert "out of memory on rank(s) [1]" in log
 
 
-@pytest.mark.process
+@pytest.mark.slow  # 25-30 s of torchrun ranks; the agreed-OOM case runs in CI
 def test_an_oom_the_other_ranks_cannot_reach_ends_the_run_quickly(tmp_path):
     """Rank 1 runs out of memory before the step's first all-gather, where rank 0 waits for it: before, rank
     1 went on to the next measurement and its collectives paired with rank 0's (on NCCL: a hang until the
@@ -96,7 +96,7 @@ def test_an_oom_the_other_ranks_cannot_reach_ends_the_run_quickly(tmp_path):
     assert not out.exists()  # rank 0 never finished
 
 
-@pytest.mark.process
+@pytest.mark.slow  # 25-30 s of torchrun ranks; the agreed-OOM case runs in CI
 def test_an_oom_on_every_rank_skips_the_rest(tmp_path):
     """Every rank out of memory: they may have stopped at different collectives, so nothing else is measured."""
     status, log, out, _ = _two_ranks_with_oom(tmp_path, "start", "0,1")
