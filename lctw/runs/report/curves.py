@@ -87,6 +87,9 @@ def _title(metric: str) -> str:
         where = parts[-1].replace("gain_", "").replace("_", " ")
         unit = "nats per value" if "facts" in parts else "nats per copied token"
         return f"copy gain of held-out {parts[-2]} {where} ({unit})"
+    if parts[-1].startswith("acc_"):
+        where = parts[-1].replace("acc_", "").replace("_", " ")
+        return f"exact match of held-out {parts[-2]} {where} (share of probes)"
     if "prose_ce" in parts[-1]:
         return f"CE of plain held-out prose {parts[-1].replace('prose_ce_', '').replace('_', ' ')} (the cost)"
     return metric
