@@ -41,6 +41,21 @@ def test_chunks_start_with_bos_and_split_by_document(tokenizer, cache_dir):
     assert not any(tuple(x.tolist()) in seen for x in val["input_ids"])
 
 
+def test_every_seed_holds_out_the_same_documents_and_orders_training_its_own_way(tokenizer, cache_dir, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs(k=10)))
+
+    def split(**kw):
+        dm = LongDocuments(max_len=64, source="files", path=str(path), tokenizer=tokenizer, cache_dir=cache_dir,
+                           val_fraction=0.2, **kw)
+        dm.setup()
+        return list(dm.val_documents["text"]), list(dm.train_dataloader().sampler)
+
+    (val0, order0), (val1, order1) = split(seed=0), split(seed=1)
+    assert val0 == val1 and order0 != order1
+    assert split(seed=0, split_seed=1)[0] != val0  # the split has its own key
+
+
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
 def test_local_files_of_each_kind(kind, tokenizer, cache_dir, tmp_path):
     texts = docs()

@@ -202,4 +202,5 @@ def test_learning_curves_are_tabulated_plotted_and_paired_at_every_step(tmp_path
     assert "| uniform scorer=none | 3 | 1.000 ± 0.000 | 4.000 ± 1.000 |" in section
     assert f"| {dense} | +0.000 ± 0.000 (p –, 0/0) | +0.500 ± 0.000 (p –, 3/0) |" in section  # std 0: no t-test
     assert "@10" not in text.split("## Learning curves")[0] and (out / "curves.png").exists()
+    assert (out / "learning_curves.png").exists()  # the first curve beside the second minus uniform's
     assert "![curves](curves.png)" in text

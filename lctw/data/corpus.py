@@ -104,6 +104,7 @@ class LongDocuments(L.LightningDataModule):
         num_workers: int = 0,
         num_proc: int | None = None,
         seed: int = 0,
+        split_seed: int = 0,
         cache_dir: str | None = None,
         facts: dict | None = None,
         copies: dict | None = None,
@@ -141,6 +142,7 @@ class LongDocuments(L.LightningDataModule):
         self.config_name, self.split, self.val_split, self.text_field = config_name, split, val_split, text_field
         self.val_fraction, self.max_docs, self.drop_remainder = val_fraction, max_docs, drop_remainder
         self.ruler_reserve_words, self.seed, self.num_proc = ruler_reserve_words, seed, num_proc
+        self.split_seed = split_seed
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir or "outputs/cache").expanduser()
@@ -232,7 +234,7 @@ class LongDocuments(L.LightningDataModule):
             raise ValueError("LongDocuments needs a tokenizer (train.py passes the model's)")
         train, val = self.documents()
         if val is None:
-            order = train.shuffle(seed=self.seed)
+            order = train.shuffle(seed=self.split_seed)  # not the run's seed: every seed holds out the same documents
             if self.max_docs:
                 order = order.select(range(min(self.max_docs, len(order))))
             n_val = max(1, round(self.val_fraction * len(order)))

@@ -17,6 +17,8 @@ The rest of the package:
 * ``harness`` (package): MMLU / BBH through lm-eval and LongBench as its authors run it, on local data
   (``run_harness``), each in its official profile by default.
 * ``position``: cross-entropy by position bucket on held-out documents.
+* ``recall``, ``copying``: recall of planted facts (``eval=recall``) and in-context copying of held-out
+  spans and facts by distance with the prose cost within and beyond n (``eval=copy``).
 * ``suite``: the ``eval`` config group's evaluations, run by ``eval.py`` and ``train.py``.
 * ``report``: their plots and logger output.
 

@@ -3,7 +3,10 @@
 * :mod:`.module`       ``TokenWeightingLM``: scorer + weighting + θ → the weighted next-token loss.
 * :mod:`.experiment`   ``run(cfg)``: validate, build the parts, fit, save, evaluate.
 * :mod:`.base`         the base stage (θ0 at n) and :func:`~lctw.training.base.prepare`, which the entry
-  points call before any model is built.
+  points call before any model is built; it refuses a θ0 that does not copy when the run asks for one.
+* :mod:`.phases`       a run in phases (the copying base: short rows, then rows of n), each a ``run()``.
+* :mod:`.schedule`     warm-up, constant, cosine decay: one learning-rate schedule over all phases.
+* :mod:`.curve`        learning curves: an evaluation at chosen steps during training, ``<metric>@<step>``.
 * :mod:`.callbacks`    progress, weight diagnostics, token views.
 * :mod:`.distributed`  FSDP2 (``fully_shard``) strategy, sharded checkpoints; :mod:`.consolidate` merges them.
 * :mod:`.preemption`   SLURM's warning signal: every rank saves ``last.ckpt`` at the next step, then requeues.

@@ -20,7 +20,8 @@ that differs between the runs. Written to ``--out`` (default ``<sweep>/report``)
   same other keys, seed by seed: the difference's mean ± std, a paired t-test and a sign test;
 * learning curves (metrics recorded during training as ``<metric>@<step>``, :mod:`lctw.training.curve`):
   a section of ``report.md`` per curve (``--curves``) with mean ± std per step and the paired test against
-  uniform at every step, and ``curves.png`` (one panel per curve, a line per configuration, seed bands);
+  uniform at every step, ``curves.png`` (one panel per curve, a line per configuration, seed bands) and
+  ``learning_curves.png`` (the first two curves: the first as it is, the second minus uniform's, seed by seed);
 * ``length_*.png`` (each metric family ``<prefix>/<length>``, one line per configuration),
   ``position_ce.png`` (CE by position bucket), ``histograms.png`` (scores and weights sampled in
   training), ``tradeoff.png`` (``--tradeoff X Y``, one point per configuration with seed error bars).
@@ -34,7 +35,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lctw.runs.report.curves import CURVE, curve_plot, curve_points
+from lctw.runs.report.curves import CURVE, curve_plot, curve_points, headline_plot
 from lctw.runs.report.plots import LENGTH_PLOTS, histogram_plot, length_plots, position_plot, tradeoff_plot
 from lctw.runs.report.runs import Run, local_runs, wandb_runs
 from lctw.runs.report.tables import (
@@ -82,7 +83,8 @@ def report(source: str, out: Path | None = None, families: dict[str, list[str]] 
     pairs.to_csv(out / "paired.csv", index=False)
     plots = [*length_plots(table, metrics, length_patterns or LENGTH_PLOTS, out), position_plot(table, metrics, out),
              histogram_plot(runs, per_run, out), tradeoff_plot(table, *tradeoff, out)]
-    plots = [curve_plot(table, points, shown, out), *plots]
+    headline = headline_plot(table, pairs, points, *shown[:2], out) if len(shown) >= 2 else None
+    plots = [headline, curve_plot(table, points, shown, out), *plots]
     plots = [p for p in plots if p is not None]
     (out / "report.md").write_text(markdown(source, table, found, pairs, left_out, columns, plots, curves))
     return out

@@ -29,16 +29,21 @@ def curve_points(metrics: list[str]) -> dict[str, list[tuple[int, str]]]:
 
 
 def _style(config: str) -> dict:
-    """Uniform black; dense blue, sparse red, the stronger the darker; self scorer dashed."""
+    """Uniform black; dense blue, sparse red, the further from uniform (small λ or κ) the darker; self dashed."""
     import matplotlib
 
-    numbers = re.findall(r"(?:lam|kappa)=([0-9.]+)", config)
-    strength = 1 - float(numbers[0]) if numbers else 0.5  # lam 0.25 / kappa 0.1 weigh most unevenly
+    numbers = [float(v) for v in re.findall(r"(?:lam|kappa)=([0-9.]+)", config) if float(v) > 0]
+    strength = min(1.0, -math.log10(numbers[-1])) if numbers else 0.5  # λ 0.75: 0.12, λ 0.25: 0.6, κ 0.1: 1
     if config.startswith("uniform"):
         return {"color": "black", "linewidth": 2.5, "linestyle": "-"}
     cmap = matplotlib.colormaps["Blues" if config.startswith("dense") else "Reds"]
-    return {"color": cmap(0.45 + 0.5 * strength), "linewidth": 1.5,
+    return {"color": cmap(0.3 + 0.65 * strength), "linewidth": 1.5,
             "linestyle": "--" if "self" in config else "-"}
+
+
+def _legend(config: str) -> str:
+    """The configuration without what the legend does not need (a study arm's name repeats its parts)."""
+    return re.sub(r" arm=\S+| lam=0\.0(?= kappa)| scorer=none", "", config)
 
 
 def curve_plot(table: pd.DataFrame, points: dict[str, list[tuple[int, str]]], metrics: list[str], out: Path,
@@ -63,7 +68,7 @@ def curve_plot(table: pd.DataFrame, points: dict[str, list[tuple[int, str]]], me
             std = [0.0 if not math.isfinite(row.get(f"{p} std", math.nan)) else row[f"{p} std"]
                    for _, p in points[metric]]
             style = _style(str(config))
-            ax.plot(steps, mean, marker="o", markersize=3, label=str(config), **style)
+            ax.plot(steps, mean, marker="o", markersize=3, label=_legend(str(config)), **style)
             ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
                             [m + s for m, s in zip(mean, std, strict=True)], color=style["color"], alpha=0.12)
         ax.set_xlabel("training step (2 × 512 tokens each)" if "beyond" in metric or "N" in metric else "training step")
@@ -81,12 +86,65 @@ def curve_plot(table: pd.DataFrame, points: dict[str, list[tuple[int, str]]], me
     return path
 
 
+def headline_plot(table: pd.DataFrame, pairs: pd.DataFrame, points: dict[str, list[tuple[int, str]]], gain: str,
+                  cost: str, out: Path, name: str = "learning_curves.png") -> Path | None:
+    """The study at a glance: ``gain`` against the training step (mean, band ± std over seeds) beside
+    ``cost`` as configuration − uniform with the same seed (mean, band ± std of the paired differences; the
+    seeds' held-out documents differ, so the paired difference is the cost, not the spread of the levels)."""
+    if gain not in points or cost not in points or not len(pairs):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    steps = [s for s, _ in points[gain]]
+    for config, row in table.iterrows():
+        style = _style(str(config))
+        mean = [row.get(f"{p} mean", math.nan) for _, p in points[gain]]
+        std = [row.get(f"{p} std", math.nan) for _, p in points[gain]]
+        std = [0.0 if not math.isfinite(x) else x for x in std]
+        left.plot(steps, mean, marker="o", markersize=3, label=_legend(str(config)), **style)
+        left.fill_between(steps, [m - x for m, x in zip(mean, std, strict=True)],
+                          [m + x for m, x in zip(mean, std, strict=True)], color=style["color"], alpha=0.1)
+    right.axhline(0, color="black", linewidth=2.5, label="uniform")
+    cost_steps = [s for s, _ in points[cost]]
+    for config in dict.fromkeys(pairs["configuration"]):
+        rows = [pairs[(pairs["configuration"] == config) & (pairs["metric"] == p)] for _, p in points[cost]]
+        if any(r.empty for r in rows):
+            continue
+        mean = [float(r["diff mean"].iloc[0]) for r in rows]
+        std = [float(r["diff std"].iloc[0]) if math.isfinite(r["diff std"].iloc[0]) else 0.0 for r in rows]
+        style = _style(str(config))
+        right.plot(cost_steps, mean, marker="o", markersize=3, **style)
+        right.fill_between(cost_steps, [m - x for m, x in zip(mean, std, strict=True)],
+                           [m + x for m, x in zip(mean, std, strict=True)], color=style["color"], alpha=0.1)
+    left.set_title(_title(gain), fontsize=10)
+    left.set_ylabel(gain.removeprefix("eval/"))
+    right.set_title(_title(cost) + ", minus uniform's (same seed)", fontsize=10)
+    right.set_ylabel(f"Δ {cost.removeprefix('eval/')} vs uniform")
+    for ax in (left, right):
+        ax.set_xlabel("training step after extension to N (2 × 512 tokens each)")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=7, loc="lower right")
+    fig.suptitle("learning to copy beyond n, and what it costs within n (mean, band ± std over seeds)", fontsize=11)
+    fig.tight_layout()
+    path = out / name
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _title(metric: str) -> str:
     parts = metric.split("/")
     if "gain" in parts[-1]:
         where = parts[-1].replace("gain_", "").replace("_", " ")
         unit = "nats per value" if "facts" in parts else "nats per copied token"
         return f"copy gain of held-out {parts[-2]} {where} ({unit})"
+    if parts[-1].startswith("acc_"):
+        where = parts[-1].replace("acc_", "").replace("_", " ")
+        return f"exact match of held-out {parts[-2]} {where} (share of probes)"
     if "prose_ce" in parts[-1]:
         return f"CE of plain held-out prose {parts[-1].replace('prose_ce_', '').replace('_', ' ')} (the cost)"
     return metric
