@@ -139,3 +139,21 @@ def test_copying_gives_the_gain_of_a_model_built_to_copy_and_zero_beyond_its_rea
     assert short["eval/copy/random/gain_beyond_n"] == 0.0 and short["eval/copy/facts/gain_beyond_n"] == 0.0
     assert {"eval/copy/prose/gain_64-128", "eval/copy/facts/acc_192-256", "eval/copy/prose_ce_within_n"} <= set(long)
     assert (tmp_path / "short" / "copy.csv").exists() and (tmp_path / "short" / "copy.json").exists()
+
+
+def test_prose_ce_is_the_mean_ce_of_the_targets_with_more_than_skip_tokens_before_them():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lctw.eval.recall import prose_ce
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    prose = [random.Random(0).randrange(1, 50) for _ in range(100)]
+    windows = torch.tensor([[0] + prose[i : i + 31] for i in (0, 31, 62)])  # three windows of 32, BOS first
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=windows).logits.float(), -1)
+    nll = -logp[:, :-1].gather(-1, windows[:, 1:, None])[..., 0]  # nll[:, t] predicts position t + 1
+    assert prose_ce(model, prose, 0, 32, batch_size=2) == pytest.approx(float(nll.mean()), rel=1e-5)
+    assert prose_ce(model, prose, 0, 32, skip=8, batch_size=2) == pytest.approx(float(nll[:, 8:].mean()), rel=1e-5)
+    assert prose_ce(model, prose, 0, 32, sequences=1) == pytest.approx(float(nll[0].mean()), rel=1e-5)

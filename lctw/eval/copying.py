@@ -37,7 +37,7 @@ import torch
 
 from lctw.data.copies import Vocabulary
 from lctw.data.facts import Facts
-from lctw.eval.recall import Recall
+from lctw.eval.recall import Recall, prose_ce
 from lctw.eval.report import log_results, save_plot
 
 KINDS = ("random", "prose", "facts")
@@ -123,21 +123,6 @@ class Copying:
                 rows.append({"distance": distance, "gain": float(gain), "acc": float(acc)})
         return rows
 
-    @torch.no_grad()
-    def prose_ce(self, model, prose: list[int], bos: int, length: int, skip: int) -> float:
-        """Mean CE of held-out plain prose in windows of ``length`` tokens (BOS first), over the targets with
-        ``skip`` or more tokens before them."""
-        device = next(model.parameters()).device
-        step = length - 1
-        windows = [[bos] + prose[i : i + step] for i in range(0, len(prose) - step + 1, step)][: self.prose_sequences]
-        total, count = 0.0, 0
-        for start in range(0, len(windows), self.batch_size):
-            ids = torch.tensor(windows[start : start + self.batch_size], device=device)
-            logits = model(input_ids=ids).logits.float()[:, skip:-1]
-            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, skip + 1 :].flatten(), reduction="sum")
-            total, count = total + float(nll), count + ids[:, skip + 1 :].numel()
-        return total / count
-
     def measure(self, model, tokenizer, datamodule, n: int, N: int) -> tuple[dict, dict]:
         """(metrics, per-probe rows by set) of ``model`` on the held-out documents of ``datamodule``; nothing is
         written. The probes are built at the first call and reused."""
@@ -153,10 +138,10 @@ class Copying:
             offset = 0 if kind == "facts" else 1
             shifted = [(p, c, begin + offset, d) for p, c, begin, d in probes]
             rows[(kind, where)] = self.score(model, shifted, width, per_token=kind != "facts")
-        bos = tokenizer.bos_token_id
-        metrics = {"eval/copy/prose_ce_within_n": self.prose_ce(model, prose, bos, n, 0)}
+        bos, size = tokenizer.bos_token_id, {"sequences": self.prose_sequences, "batch_size": self.batch_size}
+        metrics = {"eval/copy/prose_ce_within_n": prose_ce(model, prose, bos, n, **size)}
         if N >= 2 * n:
-            metrics["eval/copy/prose_ce_beyond_n"] = self.prose_ce(model, prose, bos, N, n)
+            metrics["eval/copy/prose_ce_beyond_n"] = prose_ce(model, prose, bos, N, skip=n, **size)
         model.train(was_training)
         for (kind, where), found in rows.items():
             metrics.update(_summary(found, f"eval/copy/{kind}", where))

@@ -96,20 +96,6 @@ class Recall:
                              "acc": float(acc)})
         return rows
 
-    @torch.no_grad()
-    def prose_ce(self, model, prose: list[int], n: int, bos: int) -> float:
-        """Mean CE of held-out plain prose in windows of n tokens (BOS + n - 1 tokens)."""
-        device = next(model.parameters()).device
-        step = n - 1
-        windows = [[bos] + prose[i : i + step] for i in range(0, len(prose) - step + 1, step)][: self.prose_sequences]
-        total, count = 0.0, 0
-        for start in range(0, len(windows), self.batch_size):
-            ids = torch.tensor(windows[start : start + self.batch_size], device=device)
-            logits = model(input_ids=ids).logits.float()
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-            total, count = total + float(nll), count + ids[:, 1:].numel()
-        return total / count
-
     def __call__(self, model, tokenizer, out_dir, logger=None, datamodule=None, n: int = 0, N: int = 0,
                  **_) -> dict:
         if datamodule is None:
@@ -123,9 +109,10 @@ class Recall:
         model.eval()
         within = self.score(model, self.probes(tokenizer, prose, facts, n, 24, n - 16, rng))
         beyond = self.score(model, self.probes(tokenizer, prose, facts, N, n, N - 16, rng)) if N >= 2 * n else []
-        prose_ce = self.prose_ce(model, prose, n, tokenizer.bos_token_id)
+        within_ce = prose_ce(model, prose, tokenizer.bos_token_id, n, sequences=self.prose_sequences,
+                             batch_size=self.batch_size)
         model.train(was_training)
-        metrics = {"eval/recall/prose_ce_within_n": prose_ce, **_summary(within, "within_n")}
+        metrics = {"eval/recall/prose_ce_within_n": within_ce, **_summary(within, "within_n")}
         if beyond:
             metrics.update(_summary(beyond, "beyond_n"))
             for lo in range(n, N, n):
@@ -173,3 +160,21 @@ def _table(rows: list[dict], n: int):
                                           probes=("ce", "size"))
     grouped.index = pd.Index([f"{b * width}-{(b + 1) * width}" for b in grouped.index], name="distance")
     return grouped
+
+
+@torch.no_grad()
+def prose_ce(model, prose: list[int], bos: int, length: int, skip: int = 0, sequences: int = 32,
+             batch_size: int = 8) -> float:
+    """Mean CE of held-out plain prose in the first ``sequences`` windows of ``length`` tokens (BOS + length - 1
+    tokens of ``prose``), over the targets with more than ``skip`` tokens before them (0: every target)."""
+    device = next(model.parameters()).device
+    step = length - 1
+    windows = [[bos] + prose[i : i + step] for i in range(0, len(prose) - step + 1, step)][:sequences]
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        ids = torch.tensor(windows[start : start + batch_size], device=device)
+        logits = model(input_ids=ids).logits.float()[:, skip:-1]
+        targets = ids[:, skip + 1 :]
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+        count += targets.numel()
+    return total / count
