@@ -255,9 +255,9 @@ def test_samsum_generation_rule(model, tok):
     biased.lm_head = head
     row = {"context": "Dialogue: A: hi\nSummary: A greets.", "input": "Dialogue: B: bye\nSummary:",
            "answers": ["B leaves."], "all_classes": None}
-    _, (sample,) = H.run_longbench_task(biased, tok, "samsum", [row], 500, chat=False)
+    _, (sample,) = H.run_longbench_task(biased, tok, "samsum", [row], 500, template=False)
     assert sample["prediction"] == "len\n"  # the newline is kept in the text, as in pred.py
-    _, (sample,) = H.run_longbench_task(biased, tok, "trec", [row], 500, chat=False)
+    _, (sample,) = H.run_longbench_task(biased, tok, "trec", [row], 500, template=False)
     assert sample["prediction"] == "\n" * 64  # without the rule: newlines up to trec's 64 new tokens
 
 
@@ -490,6 +490,177 @@ def test_longbench_budget_is_model2maxlen():
     assert [H.tasks.longbench_budget(w) for w in (4096, 8192, 16384, 32768)] == [3500, 7500, 15500, 31500]
     with pytest.raises(ValueError, match="eval.longbench.max_length"):
         H.tasks.longbench_budget(256)
+
+
+
+# --- Which chat wrapper LongBench's prompts get (issue 19) -------------------------------------------
+
+# THUDM/LongBench pred.py, build_chat's string for llama2 (its only Llama model, llama2-7b-chat-4k =
+# meta-llama/Llama-2-7b-chat-hf), written out by hand: no spaces inside the tags, unlike RULER's meta-chat.
+LONGBENCH_LLAMA2 = "[INST]{}[/INST]"
+# LongBench v1 names no Llama 3 model: Llama 3's own one-turn format without a system block, as RULER
+# writes it (NVIDIA/RULER scripts/data/template.py's meta-llama3).
+LLAMA3_TURN = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n")
+# A Llama 3.1-style chat template, with the system block (knowledge cutoff, date) Llama 3.1's tokenizer adds.
+LLAMA31_CHAT = (
+    "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+    "Today Date: 26 Jul 2024\n\n<|eot_id|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+    "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+# pred.py: `if dataset not in ["trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"]: build_chat(...)`
+# (lsht is Chinese, not among the 16 English tasks)
+NEVER_WRAPPED = {"trec", "triviaqa", "samsum", "lcc", "repobench-p"}
+
+
+def _named_tokenizer(name: str, llama3: bool = False):
+    """The test vocabulary (BOS added on encoding, as Llama's) under a hub name; a Llama 3 one with its
+    special tokens and a date-stamped chat template, as base and instruct tokenizers both ship."""
+    fast = _tokenizer(add_bos=True)
+    if llama3:
+        fast.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                                 "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
+        fast.chat_template = LLAMA31_CHAT
+    fast.name_or_path = name
+    return fast
+
+
+def _tiny_model(tokenizer, name: str = ""):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    config._name_or_path = name
+    return LlamaForCausalLM(config).eval()
+
+
+def _hotpotqa_prompt() -> tuple[dict, str]:
+    row = json.loads((DATA / "longbench" / "hotpotqa.jsonl").read_text().splitlines()[0])
+    return row, H.LONGBENCH_TASKS["hotpotqa"].prompt.format(context=row["context"], input=row["input"])
+
+
+def test_longbench_templates_are_build_chats_strings(bos_tok):
+    """Each template gives exactly its string around a chat task's prompt, and BOS once: added by the
+    tokenizer to a reference string (pred.py encodes the wrapped prompt with tokenizer(prompt)), written
+    as text by the tokenizer's template and by Llama 3's format."""
+    from lctw.eval.ruler.templates import REFERENCE_TEMPLATES
+
+    row, prompt = _hotpotqa_prompt()
+    expected = {"base": prompt, False: prompt, "meta-chat": LONGBENCH_LLAMA2.format(prompt),
+                "meta-llama3": LLAMA3_TURN.format(prompt), "tokenizer": f"<s><|user|>\n{prompt}</s>\n<|assistant|>\n",
+                True: f"<s><|user|>\n{prompt}</s>\n<|assistant|>\n"}
+    for template, text in expected.items():
+        assert H.longbench_prompt(bos_tok, "hotpotqa", row, 10**6, template)[0] == text, template
+    bos = bos_tok.bos_token_id
+    for template in ("base", "meta-chat"):
+        text, ids = H.longbench_prompt(bos_tok, "hotpotqa", row, 10**6, template)
+        assert ids == [bos, *bos_tok(text, add_special_tokens=False)["input_ids"]]
+    _, ids = H.longbench_prompt(bos_tok, "hotpotqa", row, 10**6, "tokenizer")
+    assert ids[0] == bos and ids.count(bos) == 1
+    llama3 = _named_tokenizer("meta-llama/Meta-Llama-3.1-8B-Instruct", llama3=True)
+    text, ids = H.longbench_prompt(llama3, "hotpotqa", row, 10**6, "meta-llama3")
+    assert text == LLAMA3_TURN.format(prompt) and ids == llama3(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == llama3.bos_token_id and ids.count(llama3.bos_token_id) == 1
+    # the Llama 3 string is RULER's; LongBench has none of its own
+    assert H.LONGBENCH_TEMPLATES.templates["meta-llama3"] == REFERENCE_TEMPLATES["meta-llama3"].replace(
+        "{task_template}", "{prompt}")
+    with pytest.raises(ValueError, match=r"unknown LongBench template 'llama2'"):
+        H.longbench_prompt(bos_tok, "hotpotqa", row, 10**6, "llama2")
+
+
+def test_longbench_tasks_pred_py_never_wraps_stay_plain(bos_tok):
+    assert {name for name, spec in H.LONGBENCH_TASKS.items() if not spec.chat} == NEVER_WRAPPED
+    row = {"context": "Some context.", "input": "Some input."}
+    for task in NEVER_WRAPPED:
+        plain = H.LONGBENCH_TASKS[task].prompt.format(**row)
+        for template in ("meta-chat", "meta-llama3", "tokenizer", True):
+            text, ids = H.longbench_prompt(bos_tok, task, row, 10**6, template)
+            assert text == plain and ids == bos_tok(plain)["input_ids"], (task, template)
+
+
+@pytest.mark.parametrize("name, llama3, template", [
+    ("meta-llama/Llama-2-7b-chat-hf", False, "meta-chat"),  # LongBench's llama2-7b-chat-4k
+    ("/models/Llama-2-13b-chat-hf/", False, "meta-chat"),
+    ("meta-llama/Llama-2-7b-hf", False, "base"),
+    ("meta-llama/Meta-Llama-3-8B", True, "base"),  # its tokenizer ships a template; base models run plain
+    ("meta-llama/Meta-Llama-3.1-8B-Instruct", True, "meta-llama3"),  # not the tokenizer's date block
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", False, "tokenizer"),  # a model LongBench does not name
+])
+def test_longbench_auto_picks_per_model_name(name, llama3, template):
+    """auto: by the model's name, then the tokenizer's; other models: the tokenizer's template if any."""
+    from types import SimpleNamespace
+
+    tok = _named_tokenizer(name, llama3)
+    assert H.resolve_longbench_template("auto", tok)[0] == template
+    unnamed = _named_tokenizer("", llama3)
+    model = SimpleNamespace(config=SimpleNamespace(_name_or_path=name))
+    assert H.resolve_longbench_template("auto", unnamed, model)[0] == template
+    unnamed.chat_template = None
+    assert H.resolve_longbench_template("auto", unnamed)[0] == "base"  # no name, no template: plain
+
+
+def test_longbench_records_the_template_that_ran(tmp_path, capsys):
+    """End to end: an instruct Llama 3.1 gets Llama 3's format, not its tokenizer's date block; a Llama 2
+    chat model (named by its config) LongBench's [INST]...[/INST]; trec runs plain either way. The
+    template, why, and the prompt format are in the results, harness.json and the printed line."""
+    torch.set_num_threads(1)
+    row, prompt = _hotpotqa_prompt()
+    tok = _named_tokenizer("meta-llama/Meta-Llama-3.1-8B-Instruct", llama3=True)
+    out = H.run_harness(_tiny_model(tok), tok, ["longbench_hotpotqa", "longbench_trec"], str(DATA), limit=1,
+                        log_samples=True)
+    config = out["config"]
+    assert (config["longbench_template"], config["longbench_chat_template"],
+            config["longbench_chat_template_setting"]) == ("meta-llama3", True, "auto")
+    assert config["longbench_template_reason"].startswith("Meta-Llama-3.1-8B-Instruct, an instruct Llama 3")
+    assert config["longbench_prompt_format"].startswith("Llama 3's chat format without a system block")
+    hotpot = out["samples"]["longbench_hotpotqa"][0]["prompt"]
+    assert hotpot == LLAMA3_TURN.format(prompt) and "Cutting Knowledge Date" not in hotpot
+    assert out["results"]["longbench_hotpotqa"]["template"] == "meta-llama3"
+    assert out["results"]["longbench_trec"]["template"] == "base"
+    assert "<|start_header_id|>" not in out["samples"]["longbench_trec"][0]["prompt"]
+    H.write_harness_results(out, str(tmp_path))
+    assert json.loads((tmp_path / "harness.json").read_text())["config"]["longbench_template"] == "meta-llama3"
+    printed = capsys.readouterr().out
+    assert "LongBench prompt format: Llama 3's chat format" in printed
+    assert "never wrapped, as in pred.py: trec, triviaqa, samsum, lcc, repobench-p" in printed
+
+    llama2 = _named_tokenizer("")
+    out = H.run_harness(_tiny_model(llama2, "meta-llama/Llama-2-7b-chat-hf"), llama2, ["longbench_hotpotqa"],
+                        str(DATA), limit=1, log_samples=True)
+    assert out["samples"]["longbench_hotpotqa"][0]["prompt"] == LONGBENCH_LLAMA2.format(prompt)
+    assert out["config"]["longbench_template_reason"] == "LongBench's template for Llama-2-7b-chat-hf"
+    assert out["config"]["longbench_prompt_format"] == ("LongBench's meta-chat template (THUDM/LongBench "
+                                                         "pred.py, build_chat's llama2 string)")
+
+
+def test_longbench_chat_template_values_are_checked():
+    from omegaconf import OmegaConf
+
+    from lctw.config.types import build
+    from lctw.errors import ConfigError
+    from lctw.eval.suite import Harness
+
+    for value in ("auto", True, False, "tokenizer", "base", "meta-chat", "meta-llama3"):
+        assert Harness(tasks=["longbench"], data_dir=str(DATA), longbench={"chat_template": value}).lb_chat == value
+    node = OmegaConf.create({"_target_": "lctw.eval.suite.Harness", "tasks": ["longbench"], "data_dir": str(DATA),
+                             "longbench": {"chat_template": "llama2"}})
+    with pytest.raises(ConfigError, match=r"^eval\.longbench: chat_template='llama2' is not allowed: choose auto, "
+                                          r"true .*false .*tokenizer .*\['base', 'meta-chat', 'meta-llama3'\]"):
+        build(node, "eval")
+    with pytest.raises(ValueError, match=r"longbench: chat_template=1 is not allowed"):
+        Harness(tasks=["longbench"], data_dir=str(DATA), longbench={"chat_template": 1})
+    node = OmegaConf.create({"_target_": "lctw.eval.suite.Ruler", "chat_template": "llama3"})
+    with pytest.raises(ConfigError, match=r"^eval\.chat_template='llama3' is not allowed: choose one of "
+                                          r"\['auto', True, False, 'tokenizer', 'base', 'meta-chat', 'meta-llama3'\]"):
+        build(node, "eval")
+    tok = _named_tokenizer("")
+    tok.chat_template = None
+    with pytest.raises(ValueError, match=r"longbench.chat_template=True asks for the tokenizer's chat template, but"):
+        H.run_harness(_tiny_model(tok), tok, ["longbench_hotpotqa"], str(DATA), longbench_chat_template=True)
 
 
 OFFICIAL_BBH = Path(__file__).parent / "data" / "bbh_cot_prompts"

@@ -16,6 +16,8 @@ The rest of the package:
 * ``ruler`` (package), ``ruler_sources``, ``metrics``: RULER itself, its offline data, its metrics.
 * ``harness`` (package): MMLU / BBH through lm-eval and LongBench as its authors run it, on local data
   (``run_harness``), each in its official profile by default.
+* ``templates``: which chat wrapper RULER's and LongBench's prompts get (each reference's hand-written
+  template for the Llama models it names, the tokenizer's chat template, or none), shared by both.
 * ``position``: cross-entropy by position bucket on held-out documents.
 * ``recall``, ``copying``: recall of planted facts (``eval=recall``) and in-context copying of held-out
   spans and facts by distance with the prose cost within and beyond n (``eval=copy``).

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lctw.eval.report import log_results, save_ruler_plots
+from lctw.eval.templates import Setting, allowed, is_setting
 
 # The shortest RULER length (prompt and answer, in tokens). The needle tasks reserve 128 tokens for the
 # answer and their instructions take about as many again: with the tiny model's tokenizer the first task
@@ -34,11 +35,10 @@ class Ruler:
     """RULER on the model's own tokenizer: tasks × lengths, greedy decoding, the reference metrics."""
 
     def __init__(self, tasks: list[str] | None = None, lengths: list[int] = (1024,), samples: int = 20,
-                 batch_size: int = 8, seed: int = 42, chat_template: bool | str = "auto", data_dir: str | None = None,
+                 batch_size: int = 8, seed: int = 42, chat_template: Setting = "auto", data_dir: str | None = None,
                  fit: str = "exact"):
         from lctw.eval.ruler import TASKS
         from lctw.eval.ruler.samples import FITS
-        from lctw.eval.ruler.templates import SETTINGS
 
         unknown = sorted(set(tasks or []) - set(TASKS))
         if unknown:
@@ -50,9 +50,8 @@ class Ruler:
                              "(a shorter prompt cannot hold a RULER task)")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is out of range: allowed >= 1")
-        if chat_template not in SETTINGS:
-            raise ValueError(f"chat_template={chat_template!r} is not allowed: choose auto, true, false or one of "
-                             f"RULER's templates {list(SETTINGS[3:])}")
+        if not is_setting(chat_template):
+            raise ValueError(allowed("chat_template", chat_template))
         if fit not in FITS:
             raise ValueError(f"fit={fit!r} is not allowed: choose one of {list(FITS)}")
         self.fit = fit
@@ -112,8 +111,8 @@ class Harness:
         if self.lb_max is not None and int(self.lb_max) < 2:
             raise ValueError(f"longbench: max_length={self.lb_max} is out of range: allowed >= 2 or null")
         self.lb_chat = parts["longbench"].get("chat_template", "auto")
-        if self.lb_chat not in ("auto", True, False):
-            raise ValueError(f"longbench: chat_template={self.lb_chat!r} is not allowed: choose auto, true or false")
+        if not is_setting(self.lb_chat):
+            raise ValueError(f"longbench: {allowed('chat_template', self.lb_chat)}")
         self.tasks, self.data_dir, self.limit = list(tasks), data_dir, limit
         self.batch_size, self.chat_template = batch_size, chat_template
 

@@ -25,7 +25,8 @@ What is where, one job per module:
 * ``metrics``: the LongBench and BBH per-sample metrics, as the references compute them.
 * ``readers``: finding, reading and checking the local files (``HarnessDataError``).
 * ``lmeval``: the normalised JSONL and task YAMLs lm-eval runs (MMLU, BBH).
-* ``longbench``: LongBench's prompts, truncation, generation and scoring (``pred.py`` / ``eval.py``).
+* ``longbench``: LongBench's prompts, truncation, chat wrapper, generation and scoring (``pred.py`` /
+  ``eval.py``); the wrappers themselves are ``tasks.LONGBENCH_TEMPLATES`` (``lctw.eval.templates``).
 * ``runner``: ``run_harness``, and the results as a table (``results_table``, ``write_harness_results``).
 
 All scores are reported on 0-100 (accuracy in percent), like RULER's.
@@ -43,11 +44,18 @@ from lctw.eval.harness.metrics import (
     rouge_score,
 )
 from lctw.eval.harness.readers import HarnessDataError, parse_bbh_prompt
-from lctw.eval.harness.runner import longbench_average, results_table, run_harness, write_harness_results
-from lctw.eval.harness.tasks import LONGBENCH_TASKS, LongBenchTask
+from lctw.eval.harness.runner import (
+    longbench_average,
+    resolve_longbench_template,
+    results_table,
+    run_harness,
+    write_harness_results,
+)
+from lctw.eval.harness.tasks import LONGBENCH_TASKS, LONGBENCH_TEMPLATES, LongBenchTask
 
 __all__ = [
     "LONGBENCH_TASKS",
+    "LONGBENCH_TEMPLATES",
     "HarnessDataError",
     "LongBenchTask",
     "run_harness",
@@ -55,6 +63,7 @@ __all__ = [
     "results_table",
     "longbench_prompt",
     "run_longbench_task",
+    "resolve_longbench_template",
     "longbench_average",
     "qa_f1_score",
     "rouge_score",

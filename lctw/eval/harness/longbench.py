@@ -9,9 +9,11 @@ is encoded on its own, exactly as ``pred.py`` does, and nothing cuts it afterwar
 1. the reference prompt is tokenized *with* special tokens (BOS counts against the budget, as there);
    longer than ``max_length`` tokens, it becomes the decoded first ``max_length // 2`` tokens plus the
    decoded last ``max_length // 2`` (special tokens skipped);
-2. chat tasks are wrapped in the tokenizer's chat template (``pred.py``'s ``build_chat``, generalised to
-   any model with a template), which then carries BOS itself; plain prompts get the tokenizer's special
-   tokens (BOS) when encoded;
+2. chat tasks are wrapped in ``build_chat``'s string for the model (``LONGBENCH_TEMPLATES``: Llama 2
+   chat ``[INST]...[/INST]``, plain text for a base Llama, and for any other model the tokenizer's chat
+   template when it has one; ``lctw.eval.templates``); trec, triviaqa, samsum, lcc and repobench-p never
+   are. The tokenizer adds its special tokens (BOS) when the prompt is encoded, as in ``pred.py``, unless
+   the wrapper writes BOS as text (the tokenizer's template, Llama 3's header format);
 3. greedy decoding of at most the task's new tokens; samsum may not start with EOS or a newline and
    stops at a newline (``min_length`` and ``eos_token_id`` of ``pred.py``);
 4. the new tokens decoded without special tokens and scored with the reference metric.
@@ -27,23 +29,42 @@ from statistics import mean, stdev
 
 from lctw.eval.generate import left_padded
 from lctw.eval.harness.metrics import longbench_score
-from lctw.eval.harness.tasks import LONGBENCH_E_BUCKETS, LONGBENCH_TASKS, longbench_base
+from lctw.eval.harness.tasks import LONGBENCH_E_BUCKETS, LONGBENCH_TASKS, LONGBENCH_TEMPLATES, longbench_base
+from lctw.eval.templates import BASE, TOKENIZER
 
 
-def longbench_prompt(tokenizer, task: str, row: dict, max_length: int, chat: bool) -> tuple[str, list[int]]:
-    """The prompt text and token ids the model sees for one LongBench row (``pred.py``'s steps 1-2)."""
+def task_template(task: str, template: str | bool) -> str:
+    """The template a task's prompts get: ``template`` for a chat task, ``base`` for the tasks ``pred.py``
+    never wraps. ``template`` is a template name (``lctw.eval.templates``), or True (the tokenizer's chat
+    template) / False (none)."""
+    template = {True: TOKENIZER, False: BASE}.get(template, template)
+    if template != TOKENIZER and template not in LONGBENCH_TEMPLATES.templates:
+        raise ValueError(f"unknown LongBench template {template!r}: choose one of "
+                         f"{[*LONGBENCH_TEMPLATES.templates, TOKENIZER]}")
+    return template if LONGBENCH_TASKS[longbench_base(task)].chat else BASE
+
+
+def longbench_prompt(tokenizer, task: str, row: dict, max_length: int,
+                     template: str | bool) -> tuple[str, list[int]]:
+    """The prompt text and token ids the model sees for one LongBench row (``pred.py``'s steps 1-2), with
+    ``template`` around a chat task's prompt (``task_template``)."""
     spec = LONGBENCH_TASKS[longbench_base(task)]
+    template = task_template(task, template)
     prompt = spec.prompt.format(context=row["context"], input=row["input"])
     ids = tokenizer(prompt)["input_ids"]
     if len(ids) > max_length:
         half = max_length // 2
         prompt = (tokenizer.decode(ids[:half], skip_special_tokens=True)
                   + tokenizer.decode(ids[-half:], skip_special_tokens=True))
-    if chat and spec.chat:
+    if template == TOKENIZER:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("longbench.chat_template=true but the tokenizer has no chat template")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True)
-        return prompt, tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return prompt, tokenizer(prompt)["input_ids"]
+    else:
+        prompt = LONGBENCH_TEMPLATES.wrap(template, prompt)
+    writes_bos = LONGBENCH_TEMPLATES.writes_bos(template, tokenizer)
+    return prompt, tokenizer(prompt, add_special_tokens=not writes_bos)["input_ids"]
 
 
 def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop_at_newline: bool) -> list[str]:
@@ -60,11 +81,12 @@ def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, s
     return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
-def run_longbench_task(model, tokenizer, task: str, rows: list[dict], max_length: int, chat: bool,
+def run_longbench_task(model, tokenizer, task: str, rows: list[dict], max_length: int, template: str | bool,
                        batch_size: int = 1) -> tuple[dict, list[dict]]:
-    """Predict and score one task; returns (its result row, its logged samples)."""
+    """Predict and score one task with ``template`` around its chat prompts (``longbench_prompt``); returns
+    (its result row, which records the template its prompts got, and its logged samples)."""
     spec = LONGBENCH_TASKS[longbench_base(task)]
-    encoded = [longbench_prompt(tokenizer, task, row, max_length, chat) for row in rows]
+    encoded = [longbench_prompt(tokenizer, task, row, max_length, template) for row in rows]
     preds: list[str] = []
     for start in range(0, len(encoded), batch_size):
         batch = [ids for _, ids in encoded[start:start + batch_size]]
@@ -74,7 +96,7 @@ def run_longbench_task(model, tokenizer, task: str, rows: list[dict], max_length
     value = 100 * mean(scores)
     stderr = 100 * stdev(scores) / math.sqrt(len(scores)) if len(scores) > 1 else None
     result = {"family": "longbench", "metric": spec.metric, "score": value, spec.metric: value,
-              f"{spec.metric}_stderr": stderr, "n": len(rows)}
+              f"{spec.metric}_stderr": stderr, "n": len(rows), "template": task_template(task, template)}
     if task.endswith("_e"):  # LongBench-E: also by context length in words, as eval.py --e
         result["by_length"] = {}
         for lo, hi, label in LONGBENCH_E_BUCKETS:

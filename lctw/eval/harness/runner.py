@@ -19,10 +19,13 @@ from lctw.eval.harness.readers import HarnessDataError, expand_tasks, read_longb
 from lctw.eval.harness.tasks import (
     BBH_FEWSHOT,
     LONGBENCH_CATEGORIES,
+    LONGBENCH_TASKS,
+    LONGBENCH_TEMPLATES,
     MMLU_FEWSHOT,
     longbench_budget,
     longbench_category,
 )
+from lctw.eval.templates import BASE, TOKENIZER, Setting
 
 
 def _import_lm_eval():
@@ -40,11 +43,14 @@ def _model_max_length(model) -> int | None:
     return int(value) if value else None
 
 
-def resolve_chat(chat_template: bool | str, tokenizer) -> bool:
-    """``auto``: on when the tokenizer has a chat template (how LongBench and RULER treat chat models)."""
-    if chat_template == "auto":
-        return bool(getattr(tokenizer, "chat_template", None))
-    return bool(chat_template)
+def resolve_longbench_template(setting: bool | str, tokenizer, model=None) -> tuple[str, str]:
+    """(template, why) for ``longbench_chat_template`` (``lctw.eval.templates.Reference.resolve``):
+    ``auto`` takes LongBench's string for a model it names (Llama 2 chat), plain text for a base Llama,
+    Llama 3's chat format without a system block for an instruct Llama 3 (LongBench v1 names none), and
+    for other models the tokenizer's chat template when it has one. The model is recognised by its
+    config's ``_name_or_path``, then by the tokenizer's ``name_or_path``."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return LONGBENCH_TEMPLATES.resolve(setting, tokenizer, name)
 
 
 def run_harness(
@@ -59,7 +65,7 @@ def run_harness(
     chat_template: bool = False,
     max_length: int | None = None,
     longbench_max_length: int | None = None,
-    longbench_chat_template: bool | str = "auto",
+    longbench_chat_template: Setting = "auto",
     work_dir: str | None = None,
     log_samples: bool = False,
     seed: int = 1234,
@@ -74,8 +80,12 @@ def run_harness(
     ``apply_chat_template`` for MMLU / BBH (off in lm-eval's standard runs). ``max_length`` is lm-eval's
     context window (default: the model's ``max_position_embeddings``). ``longbench_max_length`` is
     LongBench's prompt budget for middle truncation (default: ``longbench_budget`` of that window, as
-    ``model2maxlen.json``: 3500 for a 4096-position model); ``longbench_chat_template`` wraps LongBench's
-    chat tasks in the tokenizer's template (``auto``: when it has one, as LongBench does for chat models).
+    ``model2maxlen.json``: 3500 for a 4096-position model); ``longbench_chat_template`` is the wrapper of
+    LongBench's chat tasks (``resolve_longbench_template``): ``auto``, ``true`` / ``tokenizer`` (the
+    tokenizer's chat template), ``false`` / ``base`` (none), ``meta-chat`` (``build_chat``'s Llama 2
+    string) or ``meta-llama3``; trec, triviaqa, samsum, lcc and repobench-p are never wrapped, as in
+    ``pred.py``. The template that ran is printed and recorded in ``config`` (``longbench_template``,
+    ``longbench_template_reason``, ``longbench_prompt_format``) and in each LongBench result (``template``).
     ``work_dir`` keeps the generated YAMLs and JSONL (default: a temporary directory removed afterwards).
 
     Returns ``{"results": {task: {"score", <metric>, <metric>_stderr, "n", "family", "metric"}},
@@ -95,11 +105,20 @@ def run_harness(
     lm_eval = None
     if lm_families:
         lm_eval, HFLM, TaskManager = _import_lm_eval()
-    lb_chat = resolve_chat(longbench_chat_template, tokenizer)
-    if any(req.startswith("longbench") for req in requested) and longbench_max_length is None:
-        if not window:
-            raise ValueError("LongBench needs longbench_max_length: the model config has no max_position_embeddings")
-        longbench_max_length = longbench_budget(window)
+    lb_template, lb_reason = resolve_longbench_template(longbench_chat_template, tokenizer, model)
+    lb_format = LONGBENCH_TEMPLATES.describe(lb_template)
+    if any(req.startswith("longbench") for req in requested):
+        if lb_template == TOKENIZER and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"longbench.chat_template={longbench_chat_template!r} asks for the tokenizer's chat "
+                             "template, but the tokenizer has none: choose false, base, meta-chat or meta-llama3")
+        if longbench_max_length is None:
+            if not window:
+                raise ValueError("LongBench needs longbench_max_length: the model config has no "
+                                 "max_position_embeddings")
+            longbench_max_length = longbench_budget(window)
+        plain = ", ".join(name for name, spec in LONGBENCH_TASKS.items() if not spec.chat)
+        print(f"LongBench prompt format: {lb_format} (longbench.chat_template={longbench_chat_template}: "
+              f"{lb_reason}); never wrapped, as in pred.py: {plain}")
 
     tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="lctw-harness-")
     work = Path(work_dir or tmp.name)
@@ -138,7 +157,7 @@ def run_harness(
         for sub, rows in lb_tasks.items():
             rows = _limit(rows, limit)
             results[f"longbench_{sub}"], logged = run_longbench_task(model, tokenizer, sub, rows,
-                                                                     longbench_max_length, lb_chat, batch_size)
+                                                                     longbench_max_length, lb_template, batch_size)
             if log_samples:
                 samples[f"longbench_{sub}"] = logged
     finally:
@@ -151,7 +170,9 @@ def run_harness(
         "config": dict(tasks=list(tasks), data_dir=str(data), mmlu_fewshot=mmlu_fewshot, bbh_fewshot=bbh_fewshot,
                        bbh_profile="bbh_fewshot" if bbh_fewshot else "bbh_zeroshot", limit=limit,
                        batch_size=batch_size, chat_template=chat_template, max_length=window,
-                       longbench_max_length=longbench_max_length, longbench_chat_template=lb_chat, seed=seed,
+                       longbench_max_length=longbench_max_length, longbench_chat_template=lb_template != BASE,
+                       longbench_chat_template_setting=longbench_chat_template, longbench_template=lb_template,
+                       longbench_template_reason=lb_reason, longbench_prompt_format=lb_format, seed=seed,
                        lm_eval_version=getattr(lm_eval, "__version__", None)),
     }
     if log_samples:

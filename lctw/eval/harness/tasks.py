@@ -24,12 +24,15 @@ Each family's default is the *official* profile, the one its reference computes:
   the max over reference answers and the reference metrics (``lctw.eval.harness.metrics``).
   ``longbench`` is the mean of the six category means (``LONGBENCH_CATEGORIES``), as the LongBench
   README's "Avg"; LongBench-E (the ``<task>_e`` files) is the separate group ``longbench_e``, also split
-  by length (0-4k, 4-8k, 8k+ words) as LongBench's ``eval.py --e``.
+  by length (0-4k, 4-8k, 8k+ words) as LongBench's ``eval.py --e``. The chat tasks' wrapper is
+  ``build_chat``'s string for the models LongBench names (``LONGBENCH_TEMPLATES``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from lctw.eval.templates import Reference
 
 FAMILIES = ("mmlu", "bbh", "longbench")
 MMLU_LETTERS = ("A", "B", "C", "D")
@@ -60,8 +63,36 @@ class LongBenchTask:
     metric: str  # key of lctw.eval.harness.metrics.LONGBENCH_METRICS, also the metric name lm-eval reports
     first_line: bool = False  # score only the first line of the prediction (leading newlines dropped)
     stop_at_newline: bool = False  # samsum: no EOS/newline as first token, newline ends the generation
-    chat: bool = True  # wrapped in the chat template when one is applied (few-shot and code tasks run raw)
+    chat: bool = True  # wrapped in the chat template when one is applied (pred.py's few-shot and code tasks
+    # run raw: trec, triviaqa, samsum, lcc, repobench-p and the Chinese lsht, which is not in this table)
 
+
+# The chat tasks' wrapper (``lctw.eval.templates``: the format names are RULER's). THUDM/LongBench v1's
+# pred.py ``build_chat`` has one string per family of the models it lists; of Llama models it lists only
+# llama2-7b-chat-4k (meta-llama/Llama-2-7b-chat-hf): "[INST]" + prompt + "[/INST]", no spaces inside,
+# unlike RULER's meta-chat. The tokenizer adds BOS when the wrapped prompt is encoded (``tokenizer(prompt)``
+# in pred.py). build_chat returns the prompt of a model it does not list unchanged, so a base Llama gets
+# plain text. LongBench v1 lists no Llama 3 model (LongBench v2 sends Llama 3.1 Instruct through vLLM's
+# chat API, i.e. the tokenizer's template, but that is another benchmark): an instruct Llama 3 gets its
+# chat format without the tokenizer's system block (Llama 3.1's date block), RULER's meta-llama3 string.
+# Not reproduced: build_chat's strings for ChatGLM (built by its remote-code tokenizer), LongChat / Vicuna
+# (FastChat's vicuna_v1.1 conversation), XGen and InternLM (their answers are also post-processed).
+_LLAMA3_TURN = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n")
+LONGBENCH_TEMPLATES = Reference(
+    name="LongBench", key="longbench.chat_template", source="THUDM/LongBench pred.py, build_chat's llama2 string",
+    placeholder="prompt",
+    templates={"base": "{prompt}", "meta-chat": "[INST]{prompt}[/INST]", "meta-llama3": _LLAMA3_TURN},
+    named=frozenset({"meta-chat"}),
+    borrowed={
+        "base": ("plain text (no chat template: what pred.py's build_chat leaves a model it does not list)",
+                 "a base model: plain text, as pred.py sends any model its build_chat does not list"),
+        "meta-llama3": ("Llama 3's chat format without a system block (RULER's meta-llama3 string; LongBench v1 "
+                        "has no Llama 3 template)",
+                        "an instruct Llama 3, which LongBench v1 does not name: its chat format without the "
+                        "tokenizer's system block (RULER's meta-llama3 string)"),
+    },
+)
 
 _QA = "Answer the question based on the given passages. Only give me the answer and do not output any other words."
 _MQA = f"{_QA}\n\nThe following are given passages.\n{{context}}\n\n{_QA}\n\nQuestion: {{input}}\nAnswer:"

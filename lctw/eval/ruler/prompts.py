@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lctw.eval.ruler.templates import REFERENCE_TEMPLATES, TEMPLATES, TOKENIZER
+from lctw.eval.ruler.templates import RULER, TEMPLATES, TOKENIZER
 from lctw.eval.ruler_sources import RulerError
 
 
@@ -47,17 +47,14 @@ class Prompter:
         self.tokenizer = tokenizer
         self.template = template
         # BOS exactly once: added by the tokenizer unless the wrapper writes it as text
-        bos = getattr(tokenizer, "bos_token", None)
-        writes_bos = template == TOKENIZER or bool(bos and REFERENCE_TEMPLATES[template].startswith(bos))
-        self.add_special_tokens = not writes_bos
+        self.add_special_tokens = not RULER.writes_bos(template, tokenizer)
 
     def render(self, draft: Draft) -> str:
         if self.template != TOKENIZER:
             # As the reference: the worked examples are whole wrapped prompts with their answers, one per
             # line, before the wrapped prompt (with the base template: plain text).
-            wrap = REFERENCE_TEMPLATES[self.template]
-            shots = "".join(f"{wrap.format(task_template=user)}{reply}\n" for user, reply in draft.shots)
-            return shots + wrap.format(task_template=draft.user) + draft.answer_prefix
+            shots = "".join(f"{RULER.wrap(self.template, user)}{reply}\n" for user, reply in draft.shots)
+            return shots + RULER.wrap(self.template, draft.user) + draft.answer_prefix
         messages = []
         for user, reply in draft.shots:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]

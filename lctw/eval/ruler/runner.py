@@ -56,8 +56,8 @@ def run_ruler(
 
     ``chat_template``: ``auto`` takes RULER's own template for a model RULER names (Llama 2 / 3, chat or
     base, by the model's or the tokenizer's name), else the tokenizer's chat template when it has one;
-    ``True`` requires the tokenizer's, ``False`` sends plain prompts, and ``base`` / ``meta-chat`` /
-    ``meta-llama3`` choose one of RULER's (``lctw.eval.ruler.templates``). The template that ran is
+    ``True`` (or ``tokenizer``) requires the tokenizer's, ``False`` sends plain prompts, and ``base`` /
+    ``meta-chat`` / ``meta-llama3`` choose one of RULER's (``lctw.eval.ruler.templates``). The template that ran is
     printed and recorded in ``config`` (``template``, ``template_reason``, ``prompt_format``,
     ``chat_template``: whether prompts were wrapped). ``fit`` is how haystacks are sized
     (``generate_samples``: ``exact`` or the reference's ``reference``); ``config.fit_upstream`` says

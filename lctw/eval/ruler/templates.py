@@ -19,13 +19,13 @@ Template names, as recorded in the results (``config.template``):
 * ``tokenizer``: ``tokenizer.apply_chat_template`` (``chat_template=true``, or ``auto`` for a model the
   reference does not name whose tokenizer has a template).
 
-Another reference template is one more entry in ``REFERENCE_TEMPLATES`` (and a name rule in
-``reference_template_for`` if ``auto`` should pick it).
+The names, the settings, the rule that picks a template by model name and the resolver are shared with
+LongBench (``lctw.eval.templates``); this module holds RULER's strings (``RULER``).
 """
 
 from __future__ import annotations
 
-import re
+from lctw.eval.templates import SETTINGS, TOKENIZER, Reference, model_format
 
 # NVIDIA/RULER scripts/data/template.py, verbatim; the answer prefix is appended after the wrapper.
 REFERENCE_TEMPLATES = {
@@ -34,59 +34,34 @@ REFERENCE_TEMPLATES = {
     "meta-llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{task_template}<|eot_id|>"
                    "<|start_header_id|>assistant<|end_header_id|>\n\n",
 }
-TOKENIZER = "tokenizer"  # the tokenizer's own chat template
+RULER = Reference(name="RULER", key="chat_template", source="NVIDIA/RULER scripts/data/template.py",
+                  placeholder="task_template", templates=REFERENCE_TEMPLATES,
+                  named=frozenset(REFERENCE_TEMPLATES))  # config_models.sh names Llama 2 / 3, chat and base
 TEMPLATES = (*REFERENCE_TEMPLATES, TOKENIZER)
-SETTINGS = ("auto", True, False, *REFERENCE_TEMPLATES)  # what ``chat_template`` accepts
-
-# Llama 2 / Llama 3.x by name ("Llama-2-7b-chat-hf", "Meta-Llama-3.1-8B-Instruct", "llama3-8b"), not
-# TinyLlama, CodeLlama or the 30B Llama 1.
-_LLAMA = re.compile(r"(?:^|[^a-z])llama[-_ ]?([23])(?:[^0-9]|$)")
+__all__ = ["REFERENCE_TEMPLATES", "RULER", "SETTINGS", "TEMPLATES", "TOKENIZER", "describe",
+           "reference_template_for", "resolve_template"]
 
 
 def reference_template_for(name: str | None) -> str | None:
     """The template RULER's ``config_models.sh`` gives a model of this name (hub id or path), or None.
 
     Llama 2 chat models get ``meta-chat``, Llama 3.x instruct models ``meta-llama3``, and the base models
-    of both families ``base``; models of other families are not matched.
+    of both families ``base``; models of other families are not matched (``lctw.eval.templates.model_format``).
     """
-    base = (name or "").rstrip("/").rpartition("/")[2].lower()
-    match = _LLAMA.search(base)
-    if match is None:
-        return None
-    if match.group(1) == "2":
-        return "meta-chat" if "chat" in base else "base"
-    return "meta-llama3" if "instruct" in base or "chat" in base else "base"
+    return model_format(name)
 
 
 def resolve_template(setting: bool | str, tokenizer, model_name: str | None = None) -> tuple[str, str]:
-    """(template name, why it was chosen) for a ``chat_template`` setting.
+    """(template name, why it was chosen) for a ``chat_template`` setting (``Reference.resolve``).
 
-    ``auto``: the reference's template for a model it names (by ``model_name``, then the tokenizer's
+    ``auto``: RULER's template for a model it names (by ``model_name``, then the tokenizer's
     ``name_or_path``), else the tokenizer's chat template when it has one, else ``base`` (plain text).
-    ``True``: the tokenizer's template; ``False``: ``base``; a reference template's name: that template.
+    ``True`` (or ``tokenizer``): the tokenizer's template; ``False``: ``base``; a reference template's
+    name: that template.
     """
-    if setting == "auto":
-        for name in (model_name, getattr(tokenizer, "name_or_path", None)):
-            template = reference_template_for(name)
-            if template is not None:
-                return template, f"RULER's template for {name.rstrip('/').rpartition('/')[2]}"
-        if getattr(tokenizer, "chat_template", None):
-            return TOKENIZER, "a model RULER does not name, whose tokenizer has a chat template"
-        return "base", "a model RULER does not name, whose tokenizer has no chat template"
-    if setting is True:
-        return TOKENIZER, "chat_template=true"
-    if setting is False:
-        return "base", "chat_template=false"
-    if setting in REFERENCE_TEMPLATES:
-        return setting, f"chat_template={setting}"
-    raise ValueError(f"chat_template={setting!r} is not allowed: choose auto, true, false or one of "
-                     f"RULER's templates {list(REFERENCE_TEMPLATES)}")
+    return RULER.resolve(setting, tokenizer, model_name)
 
 
 def describe(template: str) -> str:
     """The ``prompt_format`` recorded in the results."""
-    if template == TOKENIZER:
-        return "chat template (the tokenizer's own)"
-    if template == "base":
-        return "plain text (no chat template: RULER's base template)"
-    return f"RULER's {template} template (NVIDIA/RULER scripts/data/template.py)"
+    return RULER.describe(template)
