@@ -14,7 +14,8 @@ Scenarios (each run is ``python train.py`` with ``--overrides``, the default exp
 * ``base``: one run on an empty cache (the tiny base is built first), alone.
 * ``joblib`` / ``submitit``: ``train.py -m`` with two jobs side by side through Hydra's joblib
   launcher (``pip install hydra-joblib-launcher``, or ``--plugin-path``) or submitit's local one;
-  the multirun's wall time, against ``alone``.
+  the multirun's wall time, against the same launcher's multirun of one job (``joblib_one``,
+  ``submitit_one``: the launcher's own start-up is then in both) and against ``alone``.
 * ``eval``: ``eval.py eval=ppl`` on the ``alone`` scenario's run (``eval_alone``), and the same
   started ``--eval-delay`` s after a training run (``beside``: the evaluation's and the training's times).
 
@@ -96,9 +97,10 @@ def scenario_commands(name: str, args, run_dir) -> list[tuple[str, str, list[str
         return [train("first"), train("second")]
     if name == "base":
         return [train("run", f"paths.cache={run_dir / 'cache'}")]
-    if name in ("joblib", "submitit"):
-        launcher = "joblib" if name == "joblib" else "submitit_local"
-        return [("sweep", "train.py", ["-m", f"hydra/launcher={launcher}", "weighting.lam=0.7,0.75", *args.overrides,
+    if name.startswith(("joblib", "submitit")):
+        launcher = "joblib" if name.startswith("joblib") else "submitit_local"
+        grid = "weighting.lam=0.7" if name.endswith("_one") else "weighting.lam=0.7,0.75"
+        return [("sweep", "train.py", ["-m", f"hydra/launcher={launcher}", grid, *args.overrides,
                                        f"hydra.sweep.dir={run_dir / 'sweep'}"])]
     raise ValueError(name)
 
@@ -129,11 +131,12 @@ def main() -> None:
                 if scenario == "eval":
                     results += measure_eval(args, {**env, **MODES[mode]}, work, mode, repeat)
                     continue
-                run_dir = work / scenario / mode / str(repeat)
-                m = measure(scenario_commands(scenario, args, run_dir), {**env, **MODES[mode]}, run_dir)
-                results.append({"scenario": scenario, "mode": mode, "repeat": repeat, **m})
-                print(f"{scenario:>10} {mode:>6} #{repeat}: {m['seconds']} s (other load {m['other_cores']} cores)",
-                      flush=True)
+                for name in ([f"{scenario}_one", scenario] if scenario in ("joblib", "submitit") else [scenario]):
+                    run_dir = work / name / mode / str(repeat)
+                    m = measure(scenario_commands(name, args, run_dir), {**env, **MODES[mode]}, run_dir)
+                    results.append({"scenario": name, "mode": mode, "repeat": repeat, **m})
+                    print(f"{name:>12} {mode:>6} #{repeat}: {m['seconds']} s (other load {m['other_cores']} cores)",
+                          flush=True)
     table = summarise(results)
     print_table(table)
     if args.out:
@@ -161,7 +164,7 @@ def measure_eval(args, env: dict, work: Path, mode: str, repeat: int) -> list[di
                          args.eval_delay)])):
         m = measure(commands, env, run_dir / name)
         rows.append({"scenario": name, "mode": mode, "repeat": repeat, **m})
-        print(f"{name:>10} {mode:>6} #{repeat}: {m['seconds']} s (other load {m['other_cores']} cores)", flush=True)
+        print(f"{name:>12} {mode:>6} #{repeat}: {m['seconds']} s (other load {m['other_cores']} cores)", flush=True)
     return rows
 
 
@@ -174,7 +177,9 @@ def summarise(results: list[dict]) -> list[dict]:
     median = {k: statistics.median(v) for k, v in groups.items()}
     table = []
     for (scenario, mode, name), seconds in median.items():
-        alone = median.get(("eval_alone", mode, "eval") if name == "eval" else ("alone", mode, "run"))
+        alone = median.get(("eval_alone", mode, "eval") if name == "eval" else
+                           (f"{scenario}_one", mode, "sweep") if scenario in ("joblib", "submitit") else
+                           ("alone", mode, "run"))
         before = median.get((scenario, "before", name))
         table.append({"scenario": scenario, "mode": mode, "process": name, "median_s": seconds,
                       "n": len(groups[(scenario, mode, name)]),
@@ -184,9 +189,9 @@ def summarise(results: list[dict]) -> list[dict]:
 
 
 def print_table(table: list[dict]) -> None:
-    print(f"\n{'scenario':>10} {'mode':>6} {'process':>8} {'median s':>9} {'n':>2} {'x alone':>8} {'x before':>9}")
+    print(f"\n{'scenario':>12} {'mode':>6} {'process':>8} {'median s':>9} {'n':>2} {'x alone':>8} {'x before':>9}")
     for row in table:
-        print(f"{row['scenario']:>10} {row['mode']:>6} {row['process']:>8} {row['median_s']:9.1f} {row['n']:2d} "
+        print(f"{row['scenario']:>12} {row['mode']:>6} {row['process']:>8} {row['median_s']:9.1f} {row['n']:2d} "
               f"{row['vs_alone'] or '':>8} {row['vs_before'] or '':>9}")
 
 

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import open_dict
 
 from lctw import models
-from lctw.config import TRAIN_KEYS, check_keys, check_trainer
+from lctw.config import TRAIN_KEYS, check_keys, check_ranges, check_trainer
 from lctw.config import validate as build_parts
 from lctw.runs import loggers
 from lctw.training.callbacks import TokenWeights
@@ -65,6 +65,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         overrides += ["scorer=frozen"] if group == "weighting" else ["weighting=uniform"]
     cfg = compose(overrides, cache=str(tmp_path))
     check_keys(cfg, TRAIN_KEYS)  # every value has its target's annotated type: no false alarm of the type checks
+    check_ranges(cfg)
     check_trainer(cfg.trainer, machine=cfg.trainer.accelerator == "cpu")
     built = {key: instantiate(cfg[key]) for key in CHEAP}
     if group in ("weighting", "scorer"):

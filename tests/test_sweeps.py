@@ -19,7 +19,7 @@ from hydra.core.override_parser.types import Transformer
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lctw.config import TRAIN_KEYS, ConfigError, build, check_keys, check_lengths
+from lctw.config import TRAIN_KEYS, ConfigError, build, check_keys, check_lengths, check_ranges
 from lctw.runs.jobs import objective
 
 PRESETS = sorted(p.stem for p in Path(CONF, "sweep").glob("*.yaml"))
@@ -50,6 +50,7 @@ def _check_job(cfg, values=()):
         assert OmegaConf.select(cfg, key, default=None) is not None, f"no config key {key}"
         OmegaConf.update(cfg, key, value, merge=False)
     check_keys(cfg, TRAIN_KEYS)
+    check_ranges(cfg)
     check_lengths(cfg)
     for key in ("weighting", "scorer", "context"):
         build(cfg[key], key)
@@ -165,7 +166,7 @@ def test_objective_is_the_configured_metric_or_none():
     assert objective(cfg, {"val/ce": 2.0}) is None  # missing
     assert objective(cfg, {"val/ce_beyond_n": math.nan}) is None  # a NaN would stop an Optuna study
     with pytest.raises(ConfigError, match="objective=ce_beyond_n is not a metric name"):
-        check_keys(compose(["objective=ce_beyond_n"]), TRAIN_KEYS)
+        check_ranges(compose(["objective=ce_beyond_n"]))
 
 
 @pytest.mark.parametrize("path", WANDB_SWEEPS, ids=lambda p: p.name)

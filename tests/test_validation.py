@@ -238,7 +238,7 @@ def test_a_local_multirun_cannot_start_ranks(tmp_path, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from lctw.config import check_launch
+    from lctw.training.distributed import check_launch
 
     for key in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)

@@ -1,98 +1,58 @@
-"""The one validation layer: every entry point calls :func:`validate` (``eval.py``:
-:func:`validate_evaluation`) before anything loads or is written.
+"""The one validation layer: every entry point calls :func:`validate` (``eval.py``: :func:`validate_evaluation`)
+before anything loads or is written. It keeps only what belongs to no class of ours:
 
-Three kinds of check, in this order:
+* **types** (``types.py``): every ``_target_`` node against its target's constructor annotations, and the
+  top-level keys against :data:`TRAIN_KEYS` / :data:`EVAL_KEYS`; ``int`` is not ``bool``, ``float`` takes an
+  ``int`` but not a ``bool`` or a string; nothing is coerced (``weighting.lam=true`` would train with 1.0);
+  an unknown key is refused with the nearest valid one. Then each part's constructor checks its own values,
+  reported under its key by :func:`build` (``weighting.lam=1.5 is out of range: allowed [0, 1]``);
+* **ranges** of keys that no class of ours takes (:data:`RANGES`) and Lightning's Trainer values that it
+  would refuse only after loading, with the accelerator and devices against this machine (``runtime.py``);
+* **cross-key invariants** (n < N, a weighting that needs scores, a cache that needs a fixed scorer, the small
+  scorer's vocabulary, the global batch), here and nowhere else.
 
-* **Types**, for every node with a ``_target_`` (``weighting``, ``trainer``, ``data``, ``eval``, nested
-  ones such as ``scorer.model``) against the type annotations of its target's constructor, and for the
-  top-level keys against :data:`TRAIN_KEYS` / :data:`EVAL_KEYS`: ``int`` is not ``bool``, ``float``
-  accepts an ``int`` but not a ``bool`` or a string, ``X | None``, ``list[int]``, ``Literal[...]``;
-  annotations that cannot be checked (``Any``, callables, unresolvable names) accept anything. Values
-  are never coerced: ``weighting.lam=true`` would otherwise train with lam = 1.0. A key the target
-  does not take (``+weighting.lamm=0.5``) is refused with the nearest valid key.
-* **Values** of the parts: each part's constructor checks only its own arguments and raises plain
-  errors about them (``lam=1.5 is out of range: allowed [0, 1]``); :func:`build` reports them under the
-  config key they came from (``weighting.lam=1.5 is out of range: allowed [0, 1]``). Lightning's
-  Trainer is not ours, so its values are checked here (:func:`check_trainer`), including the accelerator
-  and devices against what torch sees on this machine; files, devices and loss kernels by their owners
-  (:func:`lctw.runs.checkpoints.check_file`, :func:`lctw.models.theta.check_model_path`,
-  :func:`lctw.models.theta.resolve_device`, :func:`lctw.method.kernels.check_loss`).
-* **Cross-key invariants** (n < N, a weighting that needs scores, a cache that needs a fixed scorer,
-  the small scorer's vocabulary), here and nowhere else.
+Files, devices, loss kernels and ranks are checked by their owners (:mod:`lctw.runs.checkpoints`,
+:mod:`lctw.models.theta`, :mod:`lctw.method.kernels`, :mod:`lctw.training.distributed`). Tokenizers are
+cheap and are compared here; no weights and no data are loaded.
 
-Tokenizers are cheap and are compared here; no model weights and no data are ever loaded by
-:func:`validate`.
-
-Every rule a configuration must satisfy lives in this package, in three files a user who hits a
-refusal can read end to end: ``types.py`` (types against the constructors, :func:`build`),
-``runtime.py`` (Trainer, machine, batch, launch) and this module (the top-level keys,
-the cross-key invariants, and the entry points' :func:`validate`, :func:`validate_evaluation`; the token view's
-:func:`lctw.tools.view.validate_inspection` builds on them).
-
-May import: the classes it checks (method, models, data, eval, training.module for the fault policy) and
-:mod:`lctw.runs.jobs` (run-directory resolvers); nothing below it imports the config layer except the
-entry points' jobs, the cache and the stages.
+May import: the classes it checks (method, models, data, eval, training.module and training.distributed) and
+:mod:`lctw.runs.jobs`; nothing below it imports the config layer except the entry points' jobs, the cache
+and the stages.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
-from lctw.config.runtime import (
-    _resolve_accumulation,
-    accumulation,
-    check_batch,
-    check_launch,
-    check_scheduler,
-    check_trainer,
-    ranks,
-    slurm_tasks,
-)
-from lctw.config.types import (
-    ConfigError,
-    build,
-    check_keys,
-    check_node,
-    check_value,
-    describe,
-    matches,
-    named,
-    parameters,
-    target_of,
-)
+from lctw.config.runtime import check_batch, check_trainer, resolve_accumulation
+from lctw.config.types import (ConfigError, build, check_keys, check_node, check_value, describe, matches, named,
+                               parameters, target_of)
 from lctw.method.kernels import KERNELS, check_loss
 from lctw.models import DTYPES
 from lctw.models.theta import check_model_path, resolve_device
 from lctw.runs.checkpoints import check_file
+from lctw.runs.jobs import run_token
+from lctw.training.distributed import accumulation, check_launch, slurm_tasks
 
-__all__ = ["EVAL_KEYS", "TRAIN_KEYS", "ConfigError", "Parts", "accumulation", "build",
-           "check_batch", "check_keys", "check_launch", "check_lengths", "check_node", "check_scheduler",
-           "check_trainer", "check_value",
-           "describe", "matches", "named", "parameters", "ranks", "target_of", "validate", "validate_evaluation"]
+__all__ = ["EVAL_KEYS", "RANGES", "TRAIN_KEYS", "ConfigError", "Parts", "build", "check_keys", "check_lengths",
+           "check_node", "check_ranges", "check_trainer", "check_value", "describe", "matches", "named", "parameters", "target_of",
+           "validate", "validate_evaluation"]
 
 log = logging.getLogger(__name__)
 
-
-def _register_resolvers() -> None:
-    from lctw.runs.jobs import run_token
-
-    if not OmegaConf.has_resolver("div"):
-        OmegaConf.register_new_resolver("div", lambda a, b: a / b)
-    if not OmegaConf.has_resolver("run_token"):  # unique run directories (lctw.runs.jobs)
-        # cached: Hydra copies a config's resolver cache into each job's config, so a job that runs in
-        # another process (submitit, or a requeued SLURM job) names the sweep directory as its launcher did
-        OmegaConf.register_new_resolver("run_token", run_token, use_cache=True)
-    if not OmegaConf.has_resolver("accumulation"):  # the paper's 16 sequences per step on any number of GPUs
-        OmegaConf.register_new_resolver("accumulation", accumulation)
-    if not OmegaConf.has_resolver("slurm_tasks"):  # SLURM's tasks per node, refused for devices=-1 before submitting
-        OmegaConf.register_new_resolver("slurm_tasks", slurm_tasks)
-
-
-_register_resolvers()
+for _name, _resolver in (("div", lambda a, b: a / b),
+                         # cached: Hydra copies a config's resolver cache into each job's config, so a job in another
+                         # process (submitit, a requeued SLURM job) names the sweep directory as its launcher did
+                         ("run_token", run_token),
+                         ("accumulation", accumulation),  # the paper's 16 sequences per step on any number of GPUs
+                         ("slurm_tasks", slurm_tasks)):  # SLURM's tasks per node (refuses devices=-1)
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver, use_cache=_name == "run_token")
 
 # The top-level keys of conf/config.yaml (train.py, score.py) and conf/evaluate.yaml (eval.py); the
 # groups are checked against their targets' constructors instead.
@@ -101,6 +61,22 @@ TRAIN_KEYS = {"n": int, "N": int, "seed": int, "name": str | None, "chunk_size":
               "validate_first": bool, "ckpt_path": str | None, "checkpoint_every": int}
 EVAL_KEYS = {"ckpt": str, "gguf_file": str | None, "dtype": Literal[tuple(DTYPES)], "device": str, "n": int,
              "N": int, "seed": int, "name": str | None, "chunk_size": int | None}
+
+# Keys that no class of ours takes, with the lowest value allowed (-1 for max_steps: no step limit) and
+# what the message adds after "allowed >= <lowest>".
+RANGES = {
+    "chunk_size": (1, ", or null (the full logits)"),
+    "checkpoint_every": (1, " (optimizer steps)"),
+    "trainer.max_steps": (1, " (optimizer steps), or -1 (no step limit: trainer.max_epochs decides)"),
+    "trainer.accumulate_grad_batches": (1, ""),
+    "trainer.check_val_every_n_epoch": (1, ""),
+    "trainer.num_nodes": (1, ""),
+    "trainer.gradient_clip_val": (0, ", or null (no clipping)"),
+    "scheduler.num_training_steps": (1, " (the step where the schedule ends; it follows trainer.max_steps, so "
+                                        "set one of them)"),
+    "scheduler.num_warmup_steps": (0, ""),
+}
+
 
 @dataclass
 class Parts:
@@ -113,6 +89,17 @@ class Parts:
     context: Any
     tokenizer: Any
     base: dict = field(default_factory=dict)
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """:data:`RANGES`, and ``objective`` names a metric."""
+    for key, (lowest, note) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value < lowest and not (key == "trainer.max_steps" and value == -1):
+            raise ConfigError(f"{key}={value} is out of range: allowed >= {lowest}{note}")
+    if cfg.get("objective") is not None and not re.fullmatch(r"(val|train|eval)/\S+", cfg.objective):
+        raise ConfigError(f"objective={cfg.objective} is not a metric name: allowed a key of metrics.json, e.g. "
+                          "val/ce, val/ce_beyond_n, val/ppl, train/loss, eval/ruler/average/<length>")
 
 
 def check_lengths(cfg: DictConfig) -> None:
@@ -138,8 +125,9 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
         raise ConfigError(f"{what} needs a fixed scorer: allowed scorer=frozen or scorer=small (scorer="
                           f"{scorer_class.name} changes during training or has no scores, so its log-probs cannot "
                           "be cached)")
-    _resolve_accumulation(cfg)
+    resolve_accumulation(cfg)
     check_keys(cfg, TRAIN_KEYS)
+    check_ranges(cfg)
     check_lengths(cfg)
     if cfg.get("nonfinite") is not None:
         from lctw.training.module import check_nonfinite
@@ -157,8 +145,6 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
         if not for_cache:
             check_batch(cfg)
             check_launch(cfg)
-    if cfg.get("scheduler") is not None:
-        check_scheduler(cfg.scheduler)
     if cfg.get("ckpt_path") and cfg.ckpt_path != "last" and "://" not in cfg.ckpt_path:  # remote: Lightning reads it
         check_file("ckpt_path", cfg.ckpt_path)
     weighting = build(cfg.weighting, "weighting")
@@ -198,7 +184,6 @@ def _warn_beyond_pretraining(scorer, model_spec) -> None:
         where = "model" if source is model_spec else "scorer.model"
         log.warning("scorer.n=%d is longer than the %d tokens θ′ (%s) was pretrained at: its windows reach "
                     "positions θ′ never saw in pretraining", scorer.n, trained, where)
-
 
 
 def validate_evaluation(cfg: DictConfig):

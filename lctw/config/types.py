@@ -1,11 +1,5 @@
-"""Types of a configuration against the constructors its ``_target_`` nodes name (:mod:`lctw.config`).
-
-``int`` is not ``bool``, ``float`` accepts an ``int`` but not a ``bool`` or a string, ``X | None``,
-``list[int]``, ``Literal[...]``; annotations that cannot be checked (``Any``, callables, unresolvable
-names) accept anything. Values are never coerced: ``weighting.lam=true`` would otherwise train with
-lam = 1.0. A key the target does not take (``+weighting.lamm=0.5``) is refused with the nearest valid key.
-:func:`build` instantiates a checked node and reports a constructor's ValueError under its config key.
-"""
+"""Types of a configuration against the constructors its ``_target_`` nodes name (rules: :mod:`lctw.config`);
+:func:`build` instantiates a checked node and reports a constructor's ValueError under its config key."""
 
 from __future__ import annotations
 
@@ -39,7 +33,6 @@ def build(node: DictConfig, key: str, **kwargs):
             where = nested.group(1) if nested and nested.group(1).startswith(f"{key}.") else key
             raise ConfigError(named(where, str(err.__cause__))) from None
         raise
-
 
 
 def _hints(fn) -> dict[str, Any]:
@@ -221,14 +214,6 @@ def check_keys(cfg: DictConfig, keys: dict[str, Any]) -> None:
         if OmegaConf.is_missing(cfg, key):
             raise ConfigError(f"{key} is missing (???): give it on the command line, {key}=<{describe(annotation)}>")
         check_value(key, cfg[key], annotation)
-    if cfg.get("chunk_size") is not None and cfg.chunk_size < 1:
-        raise ConfigError(f"chunk_size={cfg.chunk_size} is out of range: allowed >= 1, or null (the full logits)")
-    if cfg.get("checkpoint_every") is not None and cfg.checkpoint_every < 1:
-        raise ConfigError(f"checkpoint_every={cfg.checkpoint_every} is out of range: allowed >= 1 (optimizer steps)")
-    if cfg.get("objective") is not None and not re.fullmatch(r"(val|train|eval)/\S+", cfg.objective):
-        raise ConfigError(f"objective={cfg.objective} is not a metric name: allowed a key of metrics.json, e.g. "
-                          "val/ce, val/ce_beyond_n, val/ppl, train/loss, eval/ruler/average/<length>")
-
     def walk(node, key):
         if _is_target(node):
             check_node(node, key)

@@ -26,7 +26,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lctw.config import TRAIN_KEYS, ConfigError, build, check_keys, check_lengths
+from lctw.config import TRAIN_KEYS, ConfigError, build, check_keys, check_lengths, check_ranges
 from lctw.models import DTYPES
 from lctw.models.theta import build_theta, check_model_path, load_theta, resolve_device
 from lctw.runs.jobs import run_job
@@ -71,6 +71,7 @@ INSPECT_KEYS = {**TRAIN_KEYS, "ckpt": str | None, "text": str, "max_tokens": int
 def validate_inspection(cfg: DictConfig) -> tuple[Any, Any]:
     """This tool's configuration, before any model loads; returns (scorer, weighting)."""
     check_keys(cfg, INSPECT_KEYS)
+    check_ranges(cfg)
     if not Path(cfg.text).expanduser().is_file():
         raise ConfigError(f"text={cfg.text!r} is not a file: give the text file to inspect")
     if cfg.max_tokens is not None and cfg.max_tokens < 3:

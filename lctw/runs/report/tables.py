@@ -92,11 +92,10 @@ def configurations(runs: list[Run], families: dict[str, list[str]]) -> tuple[pd.
     varying = [c for c in columns if c.startswith("weighting") or per_run[c].dropna().astype(str).nunique() > 1]
     per_run["configuration"] = [_label(row, varying) for _, row in per_run.iterrows()]
     grouped = per_run.groupby("configuration", sort=False, dropna=False)
-    table = grouped[columns].first()
-    table["seeds"] = grouped["seed"].nunique()
-    for m in metrics:
-        table[f"{m} mean"] = grouped[m].mean()
-        table[f"{m} std"] = grouped[m].std(ddof=1)
+    stats = {f"{m} {kind}": grouped[m].mean() if kind == "mean" else grouped[m].std(ddof=1)
+             for m in metrics for kind in ("mean", "std")}  # one concat: a column at a time fragments the frame
+    table = pd.concat([grouped[columns].first(), grouped["seed"].nunique().rename("seeds"), pd.DataFrame(stats)],
+                      axis=1)
     order = sorted(table.index, key=lambda c: (table.loc[c].get("weighting") != "uniform", _natural(c)))
     return per_run, table.loc[order]
 
