@@ -30,8 +30,18 @@ from typing import Any, Literal
 from omegaconf import DictConfig, OmegaConf
 
 from lctw.config.runtime import check_batch, check_trainer, resolve_accumulation
-from lctw.config.types import (ConfigError, build, check_keys, check_node, check_value, describe, matches, named,
-                               parameters, target_of)
+from lctw.config.types import (
+    ConfigError,
+    build,
+    check_keys,
+    check_node,
+    check_value,
+    describe,
+    matches,
+    named,
+    parameters,
+    target_of,
+)
 from lctw.method.kernels import KERNELS, check_loss
 from lctw.models import DTYPES
 from lctw.models.theta import check_model_path, resolve_device
@@ -40,8 +50,8 @@ from lctw.runs.jobs import run_token
 from lctw.training.distributed import accumulation, check_launch, slurm_tasks
 
 __all__ = ["EVAL_KEYS", "RANGES", "TRAIN_KEYS", "ConfigError", "Parts", "build", "check_keys", "check_lengths",
-           "check_node", "check_ranges", "check_trainer", "check_value", "describe", "matches", "named", "parameters", "target_of",
-           "validate", "validate_evaluation"]
+           "check_node", "check_ranges", "check_trainer", "check_value", "describe", "matches", "named", "parameters",
+           "target_of", "validate", "validate_evaluation"]
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@
 * :mod:`.schedule`     warm-up, constant, cosine decay: one learning-rate schedule over all phases.
 * :mod:`.curve`        learning curves: an evaluation at chosen steps during training, ``<metric>@<step>``.
 * :mod:`.callbacks`    progress, weight diagnostics, token views.
-* :mod:`.distributed`  FSDP2 (``fully_shard``) strategy, sharded checkpoints, ranks and who starts them; :mod:`.consolidate` merges them.
+* :mod:`.distributed`  FSDP2 (``fully_shard``) strategy, sharded checkpoints, the ranks and who starts
+  them; :mod:`.consolidate` merges the checkpoints.
 * :mod:`.preemption`   SLURM's warning signal: every rank saves ``last.ckpt`` at the next step, then requeues.
 
 May import everything below it (method, models, data, cache, config, runs); nothing imports it except the
