@@ -20,3 +20,10 @@ def named(key: str, message: str) -> str:
     if re.match(r"[A-Za-z_]\w*[=:]", message):
         return f"{key}.{message}"
     return f"{key}: {message}"
+
+
+def unknown_option(group: str, options, allowed) -> None:
+    """A ValueError naming ``<group>.<key>`` for the first key of ``options`` that is not in ``allowed``."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{group}.{unknown[0]} is not an option of {group}: allowed {list(allowed)}")

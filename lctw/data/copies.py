@@ -25,6 +25,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from lctw.errors import unknown_option
+
 SPLITS = ("train", "heldout")
 GIVE_UP = 50  # draws of a span before a row stops planting
 
@@ -85,9 +87,7 @@ class Copies:
     @classmethod
     def from_options(cls, options: dict) -> Copies:
         allowed = ("density", "min_length", "max_length", "min_distance", "max_distance", "random")
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ValueError(f"copies.{unknown[0]} is not an option of copies: allowed {list(allowed)}")
+        unknown_option("copies", options, allowed)
         return cls(**options)
 
     def options(self) -> dict:

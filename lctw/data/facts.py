@@ -28,6 +28,8 @@ from __future__ import annotations
 import itertools
 import random
 
+from lctw.errors import unknown_option
+
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 TEMPLATE = " The secret number of {key} is {value}."
@@ -84,9 +86,7 @@ class Facts:
     def from_options(cls, options: dict) -> Facts:
         """``Facts(**options)``, with an unknown option named as ``facts.<key>`` (a config error, not a TypeError)."""
         allowed = ("rate", "min_distance", "max_distance", "held_out")
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ValueError(f"facts.{unknown[0]} is not an option of facts: allowed {list(allowed)}")
+        unknown_option("facts", options, allowed)
         return cls(**options)
 
     def options(self) -> dict:
