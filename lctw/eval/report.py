@@ -42,6 +42,16 @@ def _pyplot(path: Path):
     return plt
 
 
+def save_figure(fig, path: Path) -> Path:
+    """``fig`` laid out, written to ``path`` (PNG, 120 dpi) and closed; every plot of the project ends here."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def save_ruler_plots(table, out_dir: Path) -> list[Path]:
     """RULER's usual pictures: a task x length heatmap of scores on a fixed 0-100 scale (``ruler.png``)
     and the average against length on 0-100 (``ruler_average.png``). ``table``: tasks (and ``average``)
@@ -61,9 +71,7 @@ def save_ruler_plots(table, out_dir: Path) -> list[Path]:
     ax.set_xlabel("length (tokens)")
     ax.set_title("RULER score (0-100)")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(heat, dpi=120)
-    plt.close(fig)
+    save_figure(fig, heat)
     if "average" in table.index:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(range(len(lengths)), table.loc["average"].to_numpy(dtype=float), marker="o")
@@ -73,10 +81,7 @@ def save_ruler_plots(table, out_dir: Path) -> list[Path]:
         ax.set_ylabel("average score")
         ax.set_title("RULER average")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(line, dpi=120)
-        plt.close(fig)
-        return [heat, line]
+        return [heat, save_figure(fig, line)]
     return [heat]
 
 
@@ -102,7 +107,4 @@ def save_plot(table, path: Path, xlabel: str, ylabel: str, title: str, errors=No
     ax.set_title(title)
     if len(table.columns) > 1:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -58,6 +58,8 @@ def curve_plot(table: pd.DataFrame, points: dict[str, list[tuple[int, str]]], me
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lctw.eval.report import save_figure
+
     cols = min(2, len(shown))
     rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.2 * rows), squeeze=False)
@@ -79,11 +81,7 @@ def curve_plot(table: pd.DataFrame, points: dict[str, list[tuple[int, str]]], me
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("learning curves: mean ± std over seeds", fontsize=11)
-    fig.tight_layout()
-    path = out / name
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / name)
 
 
 def headline_plot(table: pd.DataFrame, pairs: pd.DataFrame, points: dict[str, list[tuple[int, str]]], gain: str,
@@ -97,6 +95,8 @@ def headline_plot(table: pd.DataFrame, pairs: pd.DataFrame, points: dict[str, li
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from lctw.eval.report import save_figure
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     steps = [s for s, _ in points[gain]]
@@ -129,11 +129,7 @@ def headline_plot(table: pd.DataFrame, pairs: pd.DataFrame, points: dict[str, li
         ax.grid(alpha=0.3)
     left.legend(fontsize=7, loc="lower right")
     fig.suptitle("learning to copy beyond n, and what it costs within n (mean, band ± std over seeds)", fontsize=11)
-    fig.tight_layout()
-    path = out / name
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / name)
 
 
 def _title(metric: str) -> str:

@@ -65,6 +65,8 @@ def histogram_plot(runs: list[Run], per_run: pd.DataFrame, out: Path) -> Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lctw.eval.report import save_figure
+
     config_of = dict(zip(per_run["run"], per_run["configuration"], strict=True))
     pooled: dict[str, dict[str, list]] = {}
     for r in runs:
@@ -84,11 +86,7 @@ def histogram_plot(runs: list[Run], per_run: pd.DataFrame, out: Path) -> Path | 
         ax.set_ylabel("density")
     axes[1].legend(fontsize=7)
     fig.suptitle("scores and weights of targets sampled during training")
-    fig.tight_layout()
-    path = out / "histograms.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "histograms.png")
 
 
 def tradeoff_plot(table: pd.DataFrame, x: str, y: str, out: Path) -> Path | None:
@@ -101,6 +99,8 @@ def tradeoff_plot(table: pd.DataFrame, x: str, y: str, out: Path) -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lctw.eval.report import save_figure
+
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for config, row in table.iterrows():
         ax.errorbar(row[f"{x} mean"], row[f"{y} mean"], xerr=_zero(row[f"{x} std"]), yerr=_zero(row[f"{y} std"]),
@@ -109,11 +109,7 @@ def tradeoff_plot(table: pd.DataFrame, x: str, y: str, out: Path) -> Path | None
     ax.set_ylabel(y)
     ax.set_title("long-context against short-context (mean ± std over seeds)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "tradeoff.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "tradeoff.png")
 
 
 def _zero(std: float) -> float:
