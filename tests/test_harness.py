@@ -20,6 +20,8 @@ import torch
 
 pytest.importorskip("lm_eval", reason="pip install lm-eval")
 
+from test_ruler import LLAMA31_CHAT, RULER_META_LLAMA3
+
 from lctw.eval import harness as H  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -498,17 +500,8 @@ def test_longbench_budget_is_model2maxlen():
 # THUDM/LongBench pred.py, build_chat's string for llama2 (its only Llama model, llama2-7b-chat-4k =
 # meta-llama/Llama-2-7b-chat-hf), written out by hand: no spaces inside the tags, unlike RULER's meta-chat.
 LONGBENCH_LLAMA2 = "[INST]{}[/INST]"
-# LongBench v1 names no Llama 3 model: Llama 3's own one-turn format without a system block, as RULER
-# writes it (NVIDIA/RULER scripts/data/template.py's meta-llama3).
-LLAMA3_TURN = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\n")
-# A Llama 3.1-style chat template, with the system block (knowledge cutoff, date) Llama 3.1's tokenizer adds.
-LLAMA31_CHAT = (
-    "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-    "Today Date: 26 Jul 2024\n\n<|eot_id|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
-    "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
+# LongBench v1 names no Llama 3 model: Llama 3's own one-turn format without a system block, RULER's.
+LLAMA3_TURN = RULER_META_LLAMA3.replace("{task_template}", "{}")
 # pred.py: `if dataset not in ["trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"]: build_chat(...)`
 # (lsht is Chinese, not among the 16 English tasks)
 NEVER_WRAPPED = {"trec", "triviaqa", "samsum", "lcc", "repobench-p"}
