@@ -18,7 +18,7 @@ value** for facts (its four digits, as ``eval=recall``); ``acc`` = greedy exact 
 A model that does not look back that far gains 0. Sets: ``within_n`` (probes of n tokens, d in
 [24, n − 16]) and ``beyond_n`` (probes of N tokens, d in [n + 8, N − 16]), the latter also in buckets
 of d of width n (``gain_<lo>-<hi>``). The cost side: ``prose_ce_within_n`` (held-out plain prose in windows of
-n) and ``prose_ce_beyond_n`` (windows of N, the targets with n or more tokens before them).
+n) and ``prose_ce_beyond_n`` (windows of N, the targets with more than n tokens before them).
 
     python eval.py ckpt=<run dir> eval=copy
 
@@ -29,7 +29,6 @@ n) and ``prose_ce_beyond_n`` (windows of N, the targets with n or more tokens be
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 
 from lctw.data.copies import Vocabulary
 from lctw.data.facts import Facts
-from lctw.eval.recall import Recall, prose_ce
+from lctw.eval.recall import Recall, held_out_prose, mean_of, mean_sem, prose_ce
 from lctw.eval.report import log_results, save_plot
 
 KINDS = ("random", "prose", "facts")
@@ -149,8 +148,8 @@ class Copying:
                 for lo in range(n, N, n):
                     bucket = [r for r in found if lo <= r["distance"] < lo + n]
                     if bucket:
-                        metrics[f"eval/copy/{kind}/gain_{lo}-{lo + n}"] = _mean(bucket, "gain")
-                        metrics[f"eval/copy/{kind}/acc_{lo}-{lo + n}"] = _mean(bucket, "acc")
+                        metrics[f"eval/copy/{kind}/gain_{lo}-{lo + n}"] = mean_of(bucket, "gain")
+                        metrics[f"eval/copy/{kind}/acc_{lo}-{lo + n}"] = mean_of(bucket, "acc")
         return metrics, rows
 
     def __call__(self, model, tokenizer, out_dir, logger=None, datamodule=None, n: int = 0, N: int = 0,
@@ -171,23 +170,10 @@ class Copying:
         return metrics
 
 
-def held_out_prose(datamodule, tokenizer) -> list[int]:
-    """The validation documents' tokens, one stream (no planted spans: the probes plant their own)."""
-    datamodule.setup("validate")
-    texts = list(datamodule.val_documents["text"])
-    return [t for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in ids]
-
-
-def _mean(rows, key):
-    return sum(r[key] for r in rows) / len(rows)
-
-
 def _summary(rows: list[dict], prefix: str, where: str) -> dict:
-    gains = [r["gain"] for r in rows]
-    mean = sum(gains) / len(gains)
-    var = sum((g - mean) ** 2 for g in gains) / max(1, len(gains) - 1)
-    return {f"{prefix}/gain_{where}": mean, f"{prefix}/gain_{where}_sem": math.sqrt(var / len(gains)),
-            f"{prefix}/acc_{where}": _mean(rows, "acc")}
+    mean, sem = mean_sem([r["gain"] for r in rows])
+    return {f"{prefix}/gain_{where}": mean, f"{prefix}/gain_{where}_sem": sem,
+            f"{prefix}/acc_{where}": mean_of(rows, "acc")}
 
 
 def _table(rows: dict, n: int):

@@ -100,10 +100,8 @@ class Recall:
                  **_) -> dict:
         if datamodule is None:
             raise ValueError("eval=recall needs held-out documents: a data config (data=...) to read them from")
-        datamodule.setup("validate")
+        prose = held_out_prose(datamodule, tokenizer)
         facts = datamodule.facts or Facts()  # the held-out keys and values are the same for every Facts
-        texts = list(datamodule.val_documents["text"])
-        prose = [t for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in ids]
         rng = random.Random(self.seed)
         was_training = model.training
         model.eval()
@@ -118,8 +116,8 @@ class Recall:
             for lo in range(n, N, n):
                 bucket = [r for r in beyond if lo <= r["distance"] < lo + n]
                 if bucket:
-                    metrics[f"eval/recall/ce@{lo}-{lo + n}"] = _mean(bucket, "ce")
-                    metrics[f"eval/recall/acc@{lo}-{lo + n}"] = _mean(bucket, "acc")
+                    metrics[f"eval/recall/ce@{lo}-{lo + n}"] = mean_of(bucket, "ce")
+                    metrics[f"eval/recall/acc@{lo}-{lo + n}"] = mean_of(bucket, "acc")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "recall.json").write_text(json.dumps({"metrics": metrics, "within_n": within, "beyond_n": beyond},
@@ -133,20 +131,29 @@ class Recall:
         return metrics
 
 
-def _mean(rows, key):
+def mean_of(rows, key):
     return sum(r[key] for r in rows) / len(rows)
 
 
 def _summary(rows: list[dict], name: str) -> dict:
-    out = {}
-    for key in ("ce", "acc", "gain"):
-        values = [r[key] for r in rows]
-        mean = sum(values) / len(values)
-        out[f"eval/recall/{key}_{name}"] = mean
-        if key == "gain":  # the spread of the gain says whether it is distinguishable from 0
-            var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
-            out[f"eval/recall/gain_{name}_sem"] = math.sqrt(var / len(values))
+    out = {f"eval/recall/{key}_{name}": mean_of(rows, key) for key in ("ce", "acc")}
+    # the spread of the gain says whether it is distinguishable from 0
+    out[f"eval/recall/gain_{name}"], out[f"eval/recall/gain_{name}_sem"] = mean_sem([r["gain"] for r in rows])
     return out
+
+
+def mean_sem(values: list[float]) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error (sample variance, n - 1)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
+def held_out_prose(datamodule, tokenizer) -> list[int]:
+    """The validation documents' tokens, one stream (no planted facts or spans: the probes plant their own)."""
+    datamodule.setup("validate")
+    texts = list(datamodule.val_documents["text"])
+    return [t for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in ids]
 
 
 def _table(rows: list[dict], n: int):
