@@ -88,7 +88,8 @@ def headline_plot(table: pd.DataFrame, pairs: pd.DataFrame, points: dict[str, li
                   cost: str, out: Path, name: str = "learning_curves.png") -> Path | None:
     """The study at a glance: ``gain`` against the training step (mean, band ± std over seeds) beside
     ``cost`` as configuration − uniform with the same seed (mean, band ± std of the paired differences; the
-    seeds' held-out documents differ, so the paired difference is the cost, not the spread of the levels)."""
+    seeds differ in their training order and planting, so the paired difference is the cost, not the spread of
+    the levels)."""
     if gain not in points or cost not in points or not len(pairs):
         return None
     import matplotlib
