@@ -19,6 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import lctw.config  # noqa: F401 - registers the resolvers conf/score.yaml names (${run_token:} in hydra.run.dir)
 from lctw.cache.fill import fill_cache
 from lctw.runs.jobs import run_job
 

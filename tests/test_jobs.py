@@ -74,3 +74,14 @@ def test_a_failing_job_does_not_take_the_sweep_down(cache_dir, tmp_path):
     written = (sweep / "report" / "report.md").read_text()
     assert "| 0.5 |" in written and "weighting=dense,weighting.lam=2.0" not in written.split("eft out")[0]
     assert summary[1]["job"] in written.split("eft out")[-1]  # the failed job is listed as left out
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "score.py"])
+def test_each_entry_point_resolves_its_run_directory(script):
+    """The run directory names ${run_token:}, a resolver lctw registers: an entry point that does not import
+    it before Hydra resolves hydra.run.dir stops before doing anything (score.py did)."""
+    proc = subprocess.run([sys.executable, script, "--cfg", "hydra", "--resolve"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "run_token" not in proc.stdout and "dir: outputs/" in proc.stdout
