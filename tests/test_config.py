@@ -11,12 +11,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import open_dict
 
 from lctw import models
-from lctw.config import TRAIN_KEYS, check_keys, check_ranges, check_trainer
+from lctw.config import TRAIN_KEYS, check_keys, check_ranges
 from lctw.config import validate as build_parts
 from lctw.runs import loggers
 from lctw.training.callbacks import TokenWeights
 from lctw.training.curve import LearningCurve
 from lctw.training.preemption import RequeueCheckpoint
+from lctw.training.trainer import check_trainer
 
 # Files starting with "_" hold keys shared by a group's options through `defaults:`; they are not options.
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml") if not f.stem.startswith("_"))
@@ -66,7 +67,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     cfg = compose(overrides, cache=str(tmp_path))
     check_keys(cfg, TRAIN_KEYS)  # every value has its target's annotated type: no false alarm of the type checks
     check_ranges(cfg)
-    check_trainer(cfg.trainer, machine=cfg.trainer.accelerator == "cpu")
+    check_trainer(cfg, machine=cfg.trainer.accelerator == "cpu")
     built = {key: instantiate(cfg[key]) for key in CHEAP}
     if group in ("weighting", "scorer"):
         assert built[group].name == option.split("_")[0]  # a preset of a part: <part>_<preset>

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from lctw.config import TRAIN_KEYS, ConfigError, build, check_keys, check_lengths, check_ranges
 from lctw.runs.jobs import objective
+from lctw.training.trainer import check_trainer
 
 PRESETS = sorted(p.stem for p in Path(CONF, "sweep").glob("*.yaml"))
 WANDB_SWEEPS = sorted(Path(ROOT, "sweeps").glob("*.yaml"))
@@ -51,6 +52,7 @@ def _check_job(cfg, values=()):
         OmegaConf.update(cfg, key, value, merge=False)
     check_keys(cfg, TRAIN_KEYS)
     check_ranges(cfg)
+    check_trainer(cfg, machine=False)
     check_lengths(cfg)
     for key in ("weighting", "scorer", "context"):
         build(cfg[key], key)

@@ -22,7 +22,8 @@ from conftest import ROOT, compose
 from hydra.errors import ConfigCompositionException
 
 from lctw import data, models
-from lctw.config import ConfigError, build, check_value, parameters, validate, validate_evaluation
+from lctw.config import ConfigError, build, validate, validate_evaluation
+from lctw.config.types import check_value, parameters
 from lctw.training import base
 
 pytestmark = pytest.mark.usefixtures("hydra_conf")
@@ -238,7 +239,7 @@ def test_a_local_multirun_cannot_start_ranks(tmp_path, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from lctw.training.distributed import check_launch
+    from lctw.training.trainer import check_launch
 
     for key in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)

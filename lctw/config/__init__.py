@@ -1,23 +1,16 @@
 """The one validation layer: every entry point calls :func:`validate` (``eval.py``: :func:`validate_evaluation`)
-before anything loads or is written. It keeps only what belongs to no class of ours:
+before anything loads or is written. It keeps what belongs to no class of ours:
 
-* **types** (``types.py``): every ``_target_`` node against its target's constructor annotations, and the
-  top-level keys against :data:`TRAIN_KEYS` / :data:`EVAL_KEYS`; ``int`` is not ``bool``, ``float`` takes an
-  ``int`` but not a ``bool`` or a string; nothing is coerced (``weighting.lam=true`` would train with 1.0);
-  an unknown key is refused with the nearest valid one. Then each part's constructor checks its own values,
-  reported under its key by :func:`build` (``weighting.lam=1.5 is out of range: allowed [0, 1]``);
-* **ranges** of keys that no class of ours takes (:data:`RANGES`) and Lightning's Trainer values that it
-  would refuse only after loading, with the accelerator and devices against this machine (``runtime.py``);
+* **types** (``types.py``): every ``_target_`` node and the top-level keys (:data:`TRAIN_KEYS`,
+  :data:`EVAL_KEYS`) against the constructors' annotations, never coerced; an unknown key gets the nearest
+  valid one. Each constructor then checks its own values, reported under its key by :func:`build`;
+* **ranges** of the top-level keys no class takes (:data:`RANGES`);
 * **cross-key invariants** (n < N, a weighting that needs scores, a cache that needs a fixed scorer, the small
-  scorer's vocabulary, the global batch), here and nowhere else.
+  scorer's vocabulary, eval inside a sharded run).
 
-Files, devices, loss kernels and ranks are checked by their owners (:mod:`lctw.runs.checkpoints`,
-:mod:`lctw.models.theta`, :mod:`lctw.method.kernels`, :mod:`lctw.training.distributed`). Tokenizers are
-cheap and are compared here; no weights and no data are loaded.
-
-May import: the classes it checks (method, models, data, eval, training.module and training.distributed) and
-:mod:`lctw.runs.jobs`; nothing below it imports the config layer except the entry points' jobs, the cache
-and the stages.
+The owners check the rest: the Trainer, the machine and the global batch (:mod:`lctw.training.trainer`), files
+(:mod:`lctw.runs.checkpoints`), devices (:mod:`lctw.models.theta`), loss kernels (:mod:`lctw.method.kernels`).
+No weights and no data are loaded; tokenizers are. May import the classes it checks and :mod:`lctw.runs.jobs`.
 """
 
 from __future__ import annotations
@@ -29,29 +22,13 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
-from lctw.config.runtime import check_batch, check_trainer, resolve_accumulation
-from lctw.config.types import (
-    ConfigError,
-    build,
-    check_keys,
-    check_node,
-    check_value,
-    describe,
-    matches,
-    named,
-    parameters,
-    target_of,
-)
+from lctw.config.types import ConfigError, build, check_keys, named, target_of
 from lctw.method.kernels import KERNELS, check_loss
 from lctw.models import DTYPES
 from lctw.models.theta import check_model_path, resolve_device
 from lctw.runs.checkpoints import check_file
 from lctw.runs.jobs import run_token
-from lctw.training.distributed import accumulation, check_launch, slurm_tasks
-
-__all__ = ["EVAL_KEYS", "RANGES", "TRAIN_KEYS", "ConfigError", "Parts", "build", "check_keys", "check_lengths",
-           "check_node", "check_ranges", "check_trainer", "check_value", "describe", "matches", "named", "parameters",
-           "target_of", "validate", "validate_evaluation"]
+from lctw.training.trainer import accumulation, check_trainer, resolve_accumulation, slurm_tasks
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +49,11 @@ TRAIN_KEYS = {"n": int, "N": int, "seed": int, "name": str | None, "chunk_size":
 EVAL_KEYS = {"ckpt": str, "gguf_file": str | None, "dtype": Literal[tuple(DTYPES)], "device": str, "n": int,
              "N": int, "seed": int, "name": str | None, "chunk_size": int | None}
 
-# Keys that no class of ours takes, with the lowest value allowed (-1 for max_steps: no step limit) and
-# what the message adds after "allowed >= <lowest>".
-RANGES = {
-    "chunk_size": (1, ", or null (the full logits)"),
-    "checkpoint_every": (1, " (optimizer steps)"),
-    "trainer.max_steps": (1, " (optimizer steps), or -1 (no step limit: trainer.max_epochs decides)"),
-    "trainer.accumulate_grad_batches": (1, ""),
-    "trainer.check_val_every_n_epoch": (1, ""),
-    "trainer.num_nodes": (1, ""),
-    "trainer.gradient_clip_val": (0, ", or null (no clipping)"),
-    "scheduler.num_training_steps": (1, " (the step where the schedule ends; it follows trainer.max_steps, so "
-                                        "set one of them)"),
-    "scheduler.num_warmup_steps": (0, ""),
-}
+# Keys that no class of ours takes: the lowest value allowed, and what the message adds
+RANGES = {"chunk_size": (1, ", or null (the full logits)"), "checkpoint_every": (1, " (optimizer steps)"),
+          "scheduler.num_training_steps": (1, " (the step where the schedule ends; it follows trainer.max_steps, "
+                                              "so set one of them)"),
+          "scheduler.num_warmup_steps": (0, "")}
 
 
 @dataclass
@@ -105,7 +73,7 @@ def check_ranges(cfg: DictConfig) -> None:
     """:data:`RANGES`, and ``objective`` names a metric."""
     for key, (lowest, note) in RANGES.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and value < lowest and not (key == "trainer.max_steps" and value == -1):
+        if value is not None and value < lowest:
             raise ConfigError(f"{key}={value} is out of range: allowed >= {lowest}{note}")
     if cfg.get("objective") is not None and not re.fullmatch(r"(val|train|eval)/\S+", cfg.objective):
         raise ConfigError(f"objective={cfg.objective} is not a metric name: allowed a key of metrics.json, e.g. "
@@ -137,6 +105,12 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
                           "be cached)")
     resolve_accumulation(cfg)
     check_keys(cfg, TRAIN_KEYS)
+    if cfg.get("trainer") is not None:  # first: the scheduler's steps follow trainer.max_steps
+        check_trainer(cfg, machine=not for_cache)
+        try:
+            check_loss(cfg.get("loss", "auto"), cfg.trainer.get("accelerator", "auto"))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     check_ranges(cfg)
     check_lengths(cfg)
     if cfg.get("nonfinite") is not None:
@@ -146,15 +120,6 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
             check_nonfinite(cfg.nonfinite.policy, cfg.nonfinite.max_skipped)
         except ValueError as err:
             raise ConfigError(named("nonfinite", str(err))) from None
-    if cfg.get("trainer") is not None:
-        check_trainer(cfg.trainer, machine=not for_cache)
-        try:
-            check_loss(cfg.get("loss", "auto"), cfg.trainer.get("accelerator", "auto"))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        if not for_cache:
-            check_batch(cfg)
-            check_launch(cfg)
     if cfg.get("ckpt_path") and cfg.ckpt_path != "last" and "://" not in cfg.ckpt_path:  # remote: Lightning reads it
         check_file("ckpt_path", cfg.ckpt_path)
     weighting = build(cfg.weighting, "weighting")

@@ -8,8 +8,9 @@
 * :mod:`.schedule`     warm-up, constant, cosine decay: one learning-rate schedule over all phases.
 * :mod:`.curve`        learning curves: an evaluation at chosen steps during training, ``<metric>@<step>``.
 * :mod:`.callbacks`    progress, weight diagnostics, token views.
-* :mod:`.distributed`  FSDP2 (``fully_shard``) strategy, sharded checkpoints, the ranks and who starts
-  them; :mod:`.consolidate` merges the checkpoints.
+* :mod:`.trainer`      the Lightning Trainer (``conf/trainer/``): its values and this machine checked before
+  anything loads, the ranks and who starts them, the global batch.
+* :mod:`.distributed`  FSDP2 (``fully_shard``) strategy and sharded checkpoints; :mod:`.consolidate` merges them.
 * :mod:`.preemption`   SLURM's warning signal: every rank saves ``last.ckpt`` at the next step, then requeues.
 
 May import everything below it (method, models, data, cache, config, runs); nothing imports it except the

@@ -39,10 +39,10 @@ from typing import Literal
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
-from omegaconf import DictConfig, ListConfig
 
 from lctw.errors import ConfigError
 from lctw.models import DTYPES
+from lctw.training.trainer import ranks
 
 log = logging.getLogger(__name__)
 
@@ -247,78 +247,3 @@ def gather_theta(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a plain tensor is its own)."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-# -- ranks: how many train, and who starts them (checked by lctw.config before anything loads) --------------------
-def ranks(devices, num_nodes=1) -> int:
-    """Processes that train in parallel: devices per node (``-1``/``auto``: the GPUs torch sees) × nodes."""
-    if isinstance(devices, (list, ListConfig)):
-        per_node = len(devices)
-    elif devices in (-1, "-1", "auto"):
-        per_node = torch.cuda.device_count()
-        if per_node == 0:
-            raise ConfigError(f"trainer.devices={devices!r} means every GPU, but torch sees none on this machine: "
-                              "give the number of GPUs per node, trainer.devices=<int>")
-    elif isinstance(devices, str):
-        per_node = len([p for p in devices.split(",") if p.strip()]) if "," in devices else int(devices)
-    else:
-        per_node = int(devices)
-    return per_node * int(num_nodes or 1)
-
-
-def slurm_tasks(devices) -> int:
-    """``${slurm_tasks:${trainer.devices}}`` (``conf/hydra/launcher/slurm.yaml``): tasks (= GPUs) per node, which
-    sbatch fixes before the job starts, on a node the submitting machine has not seen."""
-    if devices in (-1, "-1", "auto") or ranks(devices, 1) < 1:
-        raise ConfigError(f"trainer.devices={devices} with hydra/launcher=slurm: sbatch needs the tasks per node "
-                          "(hydra.launcher.tasks_per_node and gpus_per_node, one task per GPU) before the job starts, "
-                          "and -1/auto would count the GPUs of a node not yet allocated; allowed an int >= 1, the GPUs "
-                          "per node (e.g. trainer.devices=8)")
-    return ranks(devices, 1)
-
-
-def accumulation(global_batch: int, batch_size: int, devices, num_nodes) -> int:
-    """``${accumulation:${global_batch},${data.batch_size},${trainer.devices},${trainer.num_nodes}}``:
-    the gradient accumulation that makes a step ``global_batch`` sequences, batch_size × ranks × accumulation."""
-    per_step = int(batch_size) * ranks(devices, num_nodes)
-    if per_step < 1 or global_batch % per_step:
-        raise ConfigError(f"global_batch={global_batch} sequences per step is not a multiple of data.batch_size="
-                          f"{batch_size} × {ranks(devices, num_nodes)} ranks (trainer.devices={devices} × "
-                          f"trainer.num_nodes={num_nodes}) = {per_step}: change data.batch_size or the number of GPUs")
-    return global_batch // per_step
-
-
-def _launches_ranks(trainer: DictConfig) -> bool:
-    """Whether Lightning would start the ranks itself by re-running this command (its subprocess launcher:
-    ddp, fsdp and model-parallel strategies on more than one device or node, unless a cluster or torchrun
-    started the processes)."""
-    strategy = trainer.get("strategy", "auto")
-    name = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
-    if not any(k in name.lower() for k in ("ddp", "fsdp", "modelparallel")) or name.startswith("ddp_spawn"):
-        return False
-    if any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID")):
-        return False
-    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
-    return nodes > 1 or devices not in (1, "1") and not (isinstance(devices, ListConfig) and len(devices) == 1)
-
-
-def check_launch(cfg: DictConfig) -> None:
-    """A local ``-m`` sweep cannot run a multi-rank trainer: Lightning starts the other ranks by re-running
-    the command line, ``-m`` included, so each rank would start the whole sweep again. Refused before
-    anything loads, with the ways that work (docs/cluster.md, "Several GPUs on one machine")."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN or "BasicLauncher" not in str(hydra_cfg.launcher.get("_target_", "")):
-        return
-    if _launches_ranks(cfg.trainer):
-        raise ConfigError(
-            f"trainer.strategy with trainer.devices={cfg.trainer.get('devices')} in a local -m sweep: Lightning starts "
-            "the other ranks by re-running this command, -m included, so every rank would run the whole sweep. Run "
-            "the grid as one command per point (e.g. `for lam in 0.25 0.5 0.75; do python train.py trainer=fsdp "
-            "weighting.lam=$lam; done`), or through a launcher that starts the ranks itself (hydra/launcher=slurm), "
-            "or with trainer.devices=1"
-        )

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lctw.config import ConfigError, Parts, build, validate
@@ -32,6 +31,7 @@ from lctw.training.curve import LearningCurve
 from lctw.training.distributed import gather_theta, is_sharded_module, receives_weights
 from lctw.training.module import TokenWeightingLM
 from lctw.training.phases import phase_configs, phase_dirs
+from lctw.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +96,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None, parts: Parts 
                                   loss=cfg.loss, config=config,
                                   nonfinite=cfg.nonfinite.policy, max_skipped=cfg.nonfinite.max_skipped)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-        for cb in callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
-                cb.dirpath = str(run_dir / "checkpoints")
-        trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
-                              default_root_dir=str(run_dir), plugins=[VerifiedCheckpointIO()])
-        per_device = cfg.data.get("batch_size", 1)
-        log.info("effective batch: %d sequences per optimizer step = %d per device × %d devices × %d accumulation",
-                 per_device * trainer.world_size * trainer.accumulate_grad_batches, per_device, trainer.world_size,
-                 trainer.accumulate_grad_batches)
+        trainer = build_trainer(cfg, run_dir, logger, callbacks, plugins=[VerifiedCheckpointIO()])
         before = read_metrics(run_dir / "metrics.json", suffix="_before")  # measured before an interruption
         if cfg.get("validate_first") and ckpt_path is None:
             # θ right after context extension, before any training: the baseline the run improves on
