@@ -6,6 +6,7 @@ importing each other.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 
@@ -27,3 +28,12 @@ def unknown_option(group: str, options, allowed) -> None:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"{group}.{unknown[0]} is not an option of {group}: allowed {list(allowed)}")
+
+
+@contextlib.contextmanager
+def config_error(key: str | None = None):
+    """A part's own ValueError raised inside, as the :class:`ConfigError` it is, named under ``key``."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(named(key, str(err)) if key else str(err)) from None

@@ -223,51 +223,6 @@ def test_allowed_edge_values_pass(case, files, nothing_loads, tmp_path):
         assert type(validate_evaluation(_compose(config, overrides, files, tmp_path))).__name__ == "Ruler"
 
 
-def test_global_batch_sets_the_accumulation_for_any_number_of_gpus(tmp_path):
-    for devices, nodes, accumulate in ((1, 1, 16), (8, 1, 2), (4, 2, 2), (16, 1, 1)):
-        cfg = compose(["experiment=paper_llama3", f"trainer.devices={devices}", f"trainer.num_nodes={nodes}"],
-                      cache=str(tmp_path))
-        assert cfg.trainer.accumulate_grad_batches == accumulate  # 1 per GPU × GPUs × accumulation = 16
-    with pytest.raises(ConfigError, match=r"global_batch=16 .* not a multiple of .* 3 ranks"):
-        validate(compose(["experiment=paper_llama3", "trainer.devices=3"], cache=str(tmp_path)))
-
-
-def test_a_local_multirun_cannot_start_ranks(tmp_path, monkeypatch):
-    """Lightning re-runs the command line (-m included) to start ranks: a local sweep of fsdp/ddp runs is
-    refused with the ways that work; one device, or ranks started by SLURM or torchrun, are fine."""
-    from hydra import compose as hydra_compose
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from lctw.training.trainer import check_launch
-
-    for key in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
-        monkeypatch.delenv(key, raising=False)
-    def configure(mode):
-        cfg = hydra_compose("config", overrides=["trainer=fsdp", "trainer.devices=2", f"paths.cache={tmp_path}"],
-                            return_hydra_config=True)
-        cfg.hydra.mode = mode
-        HydraConfig.instance().set_config(cfg)
-        return cfg
-
-    cfg = configure(RunMode.MULTIRUN)
-    try:
-        with pytest.raises(ConfigError, match=r"local -m sweep: Lightning starts the other ranks .*for lam in"):
-            check_launch(cfg)
-        cfg.trainer.strategy = "ddp"
-        with pytest.raises(ConfigError, match="local -m sweep"):
-            check_launch(cfg)
-        cfg.trainer.devices = 1
-        check_launch(cfg)  # one rank: nothing is re-run
-        cfg.trainer.devices = 2
-        monkeypatch.setenv("SLURM_NTASKS", "2")
-        check_launch(cfg)  # SLURM started the ranks
-        monkeypatch.delenv("SLURM_NTASKS")
-        check_launch(configure(RunMode.RUN))  # a single run: Lightning's re-run is that run
-    finally:
-        HydraConfig.instance().cfg = None
-
-
 def test_a_hub_name_is_not_taken_for_a_missing_path(nothing_loads, tmp_path):
     """org/name stays a hub name: the spec builds (its tokenizer would come from the hub)."""
     cfg = compose(["model=hf", "model.name_or_path=meta-llama/Meta-Llama-3-8B"], cache=str(tmp_path))
@@ -289,11 +244,11 @@ def test_a_document_that_is_not_utf8_is_named(folder, files, monkeypatch, tmp_pa
 def test_a_scorer_window_beyond_the_pretrained_length_is_warned_about(files, nothing_loads, tmp_path, caplog):
     """scorer.n=512 against a θ0 pretrained at 128 (its config.json) is a legitimate experiment: a warning."""
     hf = ["model=hf", f"model.name_or_path={files['hf_dir']}", "n=100"]
-    with caplog.at_level(logging.WARNING, logger="lctw.config"):
+    with caplog.at_level(logging.WARNING, logger="lctw.method.scorers"):
         validate(compose([*hf, "scorer.n=512"], cache=str(tmp_path)))
     assert "scorer.n=512 is longer than the 128 tokens θ′ (model) was pretrained at" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="lctw.config"):
+    with caplog.at_level(logging.WARNING, logger="lctw.method.scorers"):
         validate(compose(hf, cache=str(tmp_path)))
     assert "longer than" not in caplog.text  # scorer.n = n = 100 fits in 128
     assert models.TinyLlama(n=256).pretrained_length() == 256  # the tiny θ0 is pretrained at model.n

@@ -57,7 +57,7 @@ from omegaconf import DictConfig
 from lctw.cache.fingerprint import differences, fingerprint, fingerprint_key
 from lctw.cache.scorer import CachedScorer
 from lctw.cache.store import CHECKSUM, CacheDamaged, ScoreCache, row_checksum
-from lctw.errors import ConfigError, named
+from lctw.errors import config_error
 from lctw.method.scorers import FixedScorer, cache_option
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,8 @@ log = logging.getLogger(__name__)
 
 def cache_dir(cfg: DictConfig, fp: dict) -> Path:
     """``scorer.cache`` when it is a directory, else ``<paths.cache>/scores/<scorer>-<fingerprint key>``."""
-    try:
+    with config_error("scorer"):
         option = cache_option(cfg.scorer.get("cache"))
-    except ValueError as err:
-        raise ConfigError(named("scorer", str(err))) from None
     if isinstance(option, Path):
         return option
     return Path(cfg.paths.cache).expanduser() / "scores" / f"{fp['scorer']}-{fingerprint_key(fp)}"

@@ -41,15 +41,14 @@ def check_options(batch_size=8, shard_rows=256, limit=None, device="auto") -> to
 
 def fill_cache(cfg: DictConfig) -> Path:
     """``score.py``: θ' log-probs of the train split into the cache this configuration asks for."""
-    from lctw.config import ConfigError, build, named, validate
+    from lctw.config import build, validate
+    from lctw.errors import config_error
 
     opts = cfg.get("score") or {}
     options = {"batch_size": opts.get("batch_size", 8), "shard_rows": opts.get("shard_rows", 256),
                "limit": opts.get("limit"), "device": opts.get("device", "auto")}
-    try:  # before anything is built or written: a bad option must not leave a half-made cache directory
+    with config_error("score"):  # before anything is built or written: no half-made cache directory
         device = check_options(**options)
-    except ValueError as err:
-        raise ConfigError(named("score", str(err))) from None
     from lctw.training.stages import prepare
 
     parts = prepare(validate(cfg, for_cache=True))  # θ0 of model=tiny built first: its files are in the fingerprint

@@ -5,32 +5,30 @@ before anything loads or is written. It keeps what belongs to no class of ours:
   :data:`EVAL_KEYS`) against the constructors' annotations, never coerced; an unknown key gets the nearest
   valid one. Each constructor then checks its own values, reported under its key by :func:`build`;
 * **ranges** of the top-level keys no class takes (:data:`RANGES`);
-* **cross-key invariants** (n < N, a weighting that needs scores, a cache that needs a fixed scorer, the small
-  scorer's vocabulary, eval inside a sharded run).
+* **cross-key invariants** (n < N, a weighting that needs scores, a cache that needs a fixed scorer).
 
-The owners check the rest: the Trainer, the machine and the global batch (:mod:`lctw.training.trainer`), files
-(:mod:`lctw.runs.checkpoints`), devices (:mod:`lctw.models.theta`), loss kernels (:mod:`lctw.method.kernels`).
+The owners check the rest: the Trainer, the machine, the global batch (:mod:`lctw.training.trainer`), θ' against
+θ (:meth:`lctw.method.scorers.FixedScorer.check`), files (:mod:`lctw.runs.checkpoints`), devices
+(:mod:`lctw.models.theta`), loss kernels (:mod:`lctw.method.kernels`).
 No weights and no data are loaded; tokenizers are. May import the classes it checks and :mod:`lctw.runs.jobs`.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
-from lctw.config.types import ConfigError, build, check_keys, named, target_of
+from lctw.config.types import ConfigError, build, check_keys, target_of
+from lctw.errors import config_error
 from lctw.method.kernels import KERNELS, check_loss
 from lctw.models import DTYPES
 from lctw.models.theta import check_model_path, resolve_device
 from lctw.runs.checkpoints import check_file
 from lctw.runs.jobs import run_token
 from lctw.training.trainer import accumulation, check_trainer, resolve_accumulation, slurm_tasks
-
-log = logging.getLogger(__name__)
 
 for _name, _resolver in (("div", lambda a, b: a / b),
                          # cached: Hydra copies a config's resolver cache into each job's config, so a job in another
@@ -107,19 +105,15 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
     check_keys(cfg, TRAIN_KEYS)
     if cfg.get("trainer") is not None:  # first: the scheduler's steps follow trainer.max_steps
         check_trainer(cfg, machine=not for_cache)
-        try:
+        with config_error():
             check_loss(cfg.get("loss", "auto"), cfg.trainer.get("accelerator", "auto"))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
     check_ranges(cfg)
     check_lengths(cfg)
     if cfg.get("nonfinite") is not None:
         from lctw.training.module import check_nonfinite
 
-        try:
+        with config_error("nonfinite"):
             check_nonfinite(cfg.nonfinite.policy, cfg.nonfinite.max_skipped)
-        except ValueError as err:
-            raise ConfigError(named("nonfinite", str(err))) from None
     if cfg.get("ckpt_path") and cfg.ckpt_path != "last" and "://" not in cfg.ckpt_path:  # remote: Lightning reads it
         check_file("ckpt_path", cfg.ckpt_path)
     weighting = build(cfg.weighting, "weighting")
@@ -129,36 +123,13 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
         raise ConfigError(f"weighting={weighting.name} needs a scorer: scorer=none allows only weighting=uniform")
     model_spec = build(cfg.model, "model")
     if cfg.get("eval"):
-        strategy = (cfg.get("trainer") or {}).get("strategy")
-        if isinstance(strategy, DictConfig) and strategy.get("_target_") == "lctw.training.distributed.FSDP2Strategy":
-            raise ConfigError("eval is not run inside a trainer=fsdp run (θ is sharded over the ranks): set eval=null "
-                              "and evaluate the exported θ afterwards, python eval.py ckpt=<run dir> eval=<name>")
         build(cfg.eval, "eval")  # the evaluation's options are checked before training starts
     build(cfg.data, "data")  # its constructor checks its options; the documents are read later
-    if scorer.fixed:
-        _warn_beyond_pretraining(scorer, model_spec)
     tokenizer = model_spec.tokenizer()
-    if scorer.fixed and scorer.source(model_spec) is not model_spec:
-        small = scorer.source(model_spec)
-        small_vocab = small.tokenizer().get_vocab()
-        if small_vocab != tokenizer.get_vocab():
-            raise ConfigError(
-                f"scorer=small: scorer.model ({small.describe()}) has a different vocabulary "
-                f"({len(small_vocab)} tokens) from model ({model_spec.describe()}, {len(tokenizer)} tokens); "
-                "the small scorer must use the same tokenizer"
-            )
+    if scorer.fixed:
+        with config_error():
+            scorer.check(model_spec, tokenizer)
     return Parts(model_spec, scorer, weighting, context, tokenizer)
-
-
-def _warn_beyond_pretraining(scorer, model_spec) -> None:
-    """θ′ scoring windows longer than it was pretrained on is a legitimate experiment, but rarely the
-    intended one (the short-context scores then include positions θ′ never saw), so it is said."""
-    source = scorer.source(model_spec)
-    trained = source.pretrained_length()
-    if trained is not None and scorer.n > trained:
-        where = "model" if source is model_spec else "scorer.model"
-        log.warning("scorer.n=%d is longer than the %d tokens θ′ (%s) was pretrained at: its windows reach "
-                    "positions θ′ never saw in pretraining", scorer.n, trained, where)
 
 
 def validate_evaluation(cfg: DictConfig):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import difflib
 import inspect
 import os
@@ -36,19 +37,13 @@ def build(node: DictConfig, key: str, **kwargs):
 
 
 def _hints(fn) -> dict[str, Any]:
-    """``fn``'s resolved annotations; one that cannot be resolved (a name imported only for type
+    """``fn``'s annotations, each resolved on its own: one that cannot be (a name imported only for type
     checkers) is left out, so it accepts anything, instead of losing the others with it."""
-    try:
-        return typing.get_type_hints(fn)
-    except Exception:  # noqa: BLE001 (any failure of evaluating annotations means: resolve them one by one)
-        fn = inspect.unwrap(fn)
-        out = {}
-        for name, ann in getattr(fn, "__annotations__", {}).items():
-            try:
-                out[name] = eval(ann, getattr(fn, "__globals__", {})) if isinstance(ann, str) else ann  # noqa: S307
-            except Exception:  # noqa: BLE001, S112
-                continue
-        return out
+    fn, hints = inspect.unwrap(fn), {}
+    for name, annotation in getattr(fn, "__annotations__", {}).items():
+        with contextlib.suppress(Exception):  # evaluating an annotation can raise anything
+            hints[name] = eval(annotation, fn.__globals__) if isinstance(annotation, str) else annotation  # noqa: S307
+    return hints
 
 
 def parameters(target) -> tuple[dict[str, Any], bool]:
@@ -168,32 +163,50 @@ def target_of(node: DictConfig, key: str):
 def check_node(node: DictConfig, key: str) -> None:
     """Keys and value types of a ``_target_`` node (and of the nodes nested in it) against its target's
     constructor, without calling it."""
-    path = node._target_
     params, accepts_any = parameters(target_of(node, key))
     for name in node:
         if name.startswith("_"):
             continue
-        full = f"{key}.{name}"
         if name not in params and not accepts_any:
             near = difflib.get_close_matches(name, list(params), n=1)
             advice = f"did you mean {key}.{near[0]}?" if near else f"allowed: {sorted(params)}"
-            raise ConfigError(f"{full} is not an option of {key} ({path}): {advice}")
-        if OmegaConf.is_missing(node, name):
-            expected = describe(params.get(name, Any))
-            raise ConfigError(f"{full} is missing (???): give it on the command line, {full}=<{expected}>")
-        value = node[name]
-        if _is_target(value):
-            check_node(value, full)
-            continue
-        if isinstance(value, ListConfig) and any(_is_target(v) for v in value):
-            for i, item in enumerate(value):
-                if _is_target(item):
-                    check_node(item, f"{full}[{i}]")
-            continue
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=True)
-        if not matches(value, params.get(name, Any)):
-            check_value(_source(node, name, full), value, params.get(name, Any))
+            raise ConfigError(f"{key}.{name} is not an option of {key} ({node._target_}): {advice}")
+        _check_entry(node, name, f"{key}.{name}", params.get(name, Any))
+
+
+def check_keys(cfg: DictConfig, keys: dict[str, Any]) -> None:
+    """The top-level keys' types, then every ``_target_`` node anywhere in ``cfg``."""
+    for key, annotation in keys.items():
+        if key in cfg.keys():  # `key in cfg` is False for a missing (???) value
+            _check_entry(cfg, key, key, annotation)
+
+    def walk(node, key):
+        if _is_target(node):
+            check_node(node, key)
+        elif isinstance(node, DictConfig):
+            for name in node:
+                if not OmegaConf.is_missing(node, name):
+                    walk(node[name], f"{key}.{name}" if key else name)
+
+    walk(cfg, "")
+
+
+def _check_entry(node: DictConfig, name: str, full: str, annotation) -> None:
+    """One entry ``full`` of ``node``: given, a nested ``_target_`` node (or a list of them) checked in turn, or
+    a value of the annotated type."""
+    if OmegaConf.is_missing(node, name):
+        raise ConfigError(f"{full} is missing (???): give it on the command line, {full}=<{describe(annotation)}>")
+    value = node[name]
+    if _is_target(value):
+        return check_node(value, full)
+    if isinstance(value, ListConfig) and any(_is_target(v) for v in value):
+        for i, item in enumerate(value):
+            if _is_target(item):
+                check_node(item, f"{full}[{i}]")
+        return None
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    return check_value(_source(node, name, full), value, annotation)
 
 
 def _source(node: DictConfig, name: str, full: str) -> str:
@@ -204,22 +217,3 @@ def _source(node: DictConfig, name: str, full: str) -> str:
         if match:
             return match.group(1)
     return full
-
-
-def check_keys(cfg: DictConfig, keys: dict[str, Any]) -> None:
-    """The top-level keys' types, then every ``_target_`` node anywhere in ``cfg``."""
-    for key, annotation in keys.items():
-        if key not in cfg.keys():  # `key in cfg` is False for a missing (???) value
-            continue
-        if OmegaConf.is_missing(cfg, key):
-            raise ConfigError(f"{key} is missing (???): give it on the command line, {key}=<{describe(annotation)}>")
-        check_value(key, cfg[key], annotation)
-    def walk(node, key):
-        if _is_target(node):
-            check_node(node, key)
-        elif isinstance(node, DictConfig):
-            for name in node:
-                if not OmegaConf.is_missing(node, name):
-                    walk(node[name], f"{key}.{name}" if key else name)
-
-    walk(cfg, "")

@@ -24,6 +24,7 @@ model in ``setup`` if it needs one) and add ``conf/scorer/<name>.yaml``; see doc
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -31,6 +32,8 @@ import torch
 from torch import Tensor
 
 from lctw.method.scoring import ShortContext
+
+log = logging.getLogger(__name__)
 
 
 class Scorer(torch.nn.Module):
@@ -106,6 +109,21 @@ class FixedScorer(Scorer):
         """The model spec θ' is loaded from (it identifies the scores in the cache)."""
         raise NotImplementedError
 
+    def check(self, theta_spec, tokenizer) -> None:
+        """θ' against θ (``tokenizer``: θ's) before any weights load: a small model must share θ's vocabulary.
+        Windows longer than θ' was pretrained at are a legitimate experiment but rarely the intended one (the
+        scores then include positions θ' never saw), so they are said."""
+        source = self.source(theta_spec)
+        if source is not theta_spec and (vocab := source.tokenizer().get_vocab()) != tokenizer.get_vocab():
+            raise ValueError(f"scorer=small: scorer.model ({source.describe()}) has a different vocabulary "
+                             f"({len(vocab)} tokens) from model ({theta_spec.describe()}, {len(tokenizer)} tokens); "
+                             "the small scorer must use the same tokenizer")
+        trained = source.pretrained_length()
+        if trained is not None and self.n > trained:
+            log.warning("scorer.n=%d is longer than the %d tokens θ′ (%s) was pretrained at: its windows reach "
+                        "positions θ′ never saw in pretraining", self.n, trained,
+                        "model" if source is theta_spec else "scorer.model")
+
     def setup(self, theta_spec, meta: bool = False) -> None:
         if meta:
             with torch.device("meta"):
@@ -150,8 +168,8 @@ class FrozenScorer(FixedScorer):
 class SmallScorer(FixedScorer):
     """A separate (smaller) pretrained model with the same vocabulary: weak-to-strong scoring.
 
-    ``model`` is a model spec from ``conf/model``; the config layer (:mod:`lctw.config`) compares its
-    tokenizer with the trained model's before any weights load.
+    ``model`` is a model spec from ``conf/model``; :meth:`check` compares its tokenizer with the trained
+    model's before any weights load.
     """
 
     name = "small"

@@ -31,8 +31,9 @@ _TIME = re.compile(r"\d+:\d+:\d+:\d+")  # Lightning's time-based val_check_inter
 
 
 def check_trainer(cfg: DictConfig, machine: bool = True) -> None:
-    """``cfg.trainer``'s values; ``machine``: also the accelerator and devices against what torch sees here,
-    the global batch and who starts the ranks (not for ``score.py``, which does not train)."""
+    """``cfg.trainer``'s values, and no evaluation inside a sharded run; ``machine``: also the accelerator and
+    devices against what torch sees here, the global batch and who starts the ranks (not for ``score.py``,
+    which does not train)."""
     trainer = cfg.trainer
     for key, (lowest, note) in LOWEST.items():
         value = trainer.get(key)
@@ -55,6 +56,10 @@ def check_trainer(cfg: DictConfig, machine: bool = True) -> None:
             raise ConfigError(f"trainer.val_check_interval={interval} is a fraction of an epoch, which needs "
                               "trainer.check_val_every_n_epoch (it is null: val_check_interval counts training "
                               "batches); allowed an int >= 1 or a time 'DD:HH:MM:SS'")
+    strategy = trainer.get("strategy")
+    if cfg.get("eval") and isinstance(strategy, DictConfig) and "FSDP2Strategy" in strategy.get("_target_", ""):
+        raise ConfigError("eval is not run inside a trainer=fsdp run (θ is sharded over the ranks): set eval=null "
+                          "and evaluate the exported θ afterwards, python eval.py ckpt=<run dir> eval=<name>")
     if machine:
         _check_machine(trainer)
         _check_batch(cfg)
