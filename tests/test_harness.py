@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("lm_eval", reason="pip install lm-eval")
 
-from test_ruler import LLAMA31_CHAT, RULER_META_LLAMA3
+from test_ruler import RULER_META_LLAMA3, named
 
 from lctw.eval import harness as H  # noqa: E402
 
@@ -508,15 +508,8 @@ NEVER_WRAPPED = {"trec", "triviaqa", "samsum", "lcc", "repobench-p"}
 
 
 def _named_tokenizer(name: str, llama3: bool = False):
-    """The test vocabulary (BOS added on encoding, as Llama's) under a hub name; a Llama 3 one with its
-    special tokens and a date-stamped chat template, as base and instruct tokenizers both ship."""
-    fast = _tokenizer(add_bos=True)
-    if llama3:
-        fast.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
-                                 "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
-        fast.chat_template = LLAMA31_CHAT
-    fast.name_or_path = name
-    return fast
+    """The test vocabulary (BOS added on encoding, as Llama's) under a hub name (:func:`test_ruler.named`)."""
+    return named(_tokenizer(add_bos=True), name, llama3)
 
 
 def _tiny_model(tokenizer, name: str = ""):

@@ -736,16 +736,20 @@ LLAMA31_CHAT = (
 )
 
 
-def _named_tokenizer(name: str, llama3: bool):
-    """The test vocabulary under a hub name, with a chat template as the real model's tokenizer ships one
-    (Llama 3: its special tokens and a date-stamped template, base and instruct alike)."""
-    fast = _train_tokenizer(chat=True)
+def named(fast, name: str, llama3: bool):
+    """``fast`` under a hub name; a Llama 3 one gets its special tokens and the date-stamped chat template
+    that base and instruct tokenizers both ship."""
     if llama3:
         fast.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
                                  "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
         fast.chat_template = LLAMA31_CHAT
     fast.name_or_path = name
     return fast
+
+
+def _named_tokenizer(name: str, llama3: bool):
+    """The test vocabulary under a hub name, with a chat template as the real model's tokenizer ships one."""
+    return named(_train_tokenizer(chat=True), name, llama3)
 
 
 @pytest.fixture(scope="module")
