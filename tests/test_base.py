@@ -30,3 +30,21 @@ def test_parallel_processes_build_the_tiny_base_once(tmp_path):
     assert sum(o.count("building the tiny base model") for o in outs) == 1, outs
     sums = {line for o in outs for line in o.splitlines() if line.startswith("SUM")}
     assert len(sums) == 1, sums
+
+
+def test_the_base_key_drops_only_what_never_changes_theta():
+    """A run's own keys (name, paths, eval, …) and any node's cache_dir/num_workers leave θ0's key alone; a
+    node's ``name`` is not the run's name (data.name is the dataset) and changes it."""
+    from omegaconf import OmegaConf
+
+    from lctw.training.base import config_key
+
+    cfg = {"name": "a", "paths": {"cache": "/x"}, "eval": {"kind": "copy"}, "n": 16,
+           "model": {"hidden_size": 16, "cache_dir": "/x"}, "data": {"name": "essays", "num_workers": 0}}
+    key = config_key(OmegaConf.create(cfg))
+    same = {**cfg, "name": "b", "paths": {"cache": "/y"}, "eval": None, "model": {"hidden_size": 16, "cache_dir": "/y"},
+            "data": {"name": "essays", "num_workers": 4}}
+    assert config_key(OmegaConf.create(same)) == key
+    for other in ({**cfg, "data": {"name": "emozilla/pg19", "num_workers": 0}}, {**cfg, "n": 32},
+                  {**cfg, "model": {"hidden_size": 32, "cache_dir": "/x"}}):
+        assert config_key(OmegaConf.create(other)) != key

@@ -32,10 +32,12 @@ from lctw.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SAME_THETA = ("model", "context", "n", "N")  # what makes a checkpoint's weights this run's θ
-# The one list of config keys (at any depth) that never change θ's numbers: where files go, how progress is
-# shown and logged, the fault policy. The base stage's cache key and the resume check both drop them.
+# The one list of config keys that never change θ's numbers; the base stage's cache key and the resume check both
+# drop them. A run's own keys (top level only: a node's ``name``, e.g. data.name, is a dataset): where files go, how
+# progress is shown and logged, the fault policy. In any node: where files are cached, how many workers read them.
 NOT_THETA = ("paths", "logger", "callbacks", "name", "validate_first", "ckpt_path", "eval", "nonfinite",
-             "checkpoint_every", "cache_dir", "num_workers")
+             "checkpoint_every")
+NOT_THETA_IN_NODES = ("cache_dir", "num_workers")
 
 
 def file_sha256(path: Path) -> str:
@@ -151,10 +153,15 @@ def check_resume(path, cfg: DictConfig) -> None:
 
 
 def theta_part(value):
-    """A resolved config (or a node of one) without the keys that never change θ (:data:`NOT_THETA`)."""
+    """A resolved node of a config without the keys that never change θ (:data:`NOT_THETA_IN_NODES`)."""
     if isinstance(value, dict):
-        return {k: theta_part(v) for k, v in value.items() if k not in NOT_THETA}
+        return {k: theta_part(v) for k, v in value.items() if k not in NOT_THETA_IN_NODES}
     return value
+
+
+def theta_config(cfg: dict) -> dict:
+    """A resolved config without the keys that never change θ (:data:`NOT_THETA` at its top level)."""
+    return {k: theta_part(v) for k, v in cfg.items() if k not in NOT_THETA}
 
 
 def _short(value) -> str:

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lctw.errors import ConfigError
 from lctw.models.specs import build_lock
-from lctw.runs.checkpoints import theta_part
+from lctw.runs.checkpoints import theta_config
 from lctw.runs.jobs import read_metrics
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def base_config(spec) -> DictConfig:
 
 def config_key(cfg: DictConfig) -> str:
     """A hash of everything in ``cfg`` that changes the trained numbers."""
-    numbers = theta_part(OmegaConf.to_container(cfg, resolve=True))
+    numbers = theta_config(OmegaConf.to_container(cfg, resolve=True))
     return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:12]
 
 
