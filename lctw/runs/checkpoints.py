@@ -178,7 +178,7 @@ def check_file(key: str, value: str) -> None:
         raise ConfigError(f"{key}={value!r} does not exist: give a checkpoint a run wrote "
                           "(<run dir>/checkpoints/last.ckpt)")
     if path.is_dir():
-        if not (path / SHARDED_META).is_file() or not (path / SHARDED_INDEX).is_file():
+        if not is_sharded(path) or not (path / SHARDED_INDEX).is_file():
             raise ConfigError(f"{key}={value!r} is a directory, not a checkpoint file nor a sharded checkpoint "
                               f"(it lacks {SHARDED_META} or {SHARDED_INDEX}): give <run dir>/checkpoints/last.ckpt")
         path = path / SHARDED_META  # trainer=fsdp: the shards' metadata file is an ordinary checkpoint
@@ -188,8 +188,11 @@ def check_file(key: str, value: str) -> None:
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{key}={value!r} is not readable (file permissions)")
     value = str(path)
-    with path.open("rb") as fh:
-        is_zip = zipfile.is_zipfile(fh)
-    if not is_zip or not any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):  # not a zip archive (is_zipfile's test)
+        names = []
+    if not any(n.endswith("data.pkl") for n in names):
         raise ConfigError(f"{key}={value!r} is not a PyTorch checkpoint (torch.save writes a zip archive with "
                           "data.pkl; this file is not one): give a .ckpt a run wrote")

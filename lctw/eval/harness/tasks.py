@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lctw.eval.ruler.templates import REFERENCE_TEMPLATES as RULER_TEMPLATES
 from lctw.eval.templates import Reference
 
 FAMILIES = ("mmlu", "bbh", "longbench")
@@ -77,8 +78,7 @@ class LongBenchTask:
 # chat format without the tokenizer's system block (Llama 3.1's date block), RULER's meta-llama3 string.
 # Not reproduced: build_chat's strings for ChatGLM (built by its remote-code tokenizer), LongChat / Vicuna
 # (FastChat's vicuna_v1.1 conversation), XGen and InternLM (their answers are also post-processed).
-_LLAMA3_TURN = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
-                "<|start_header_id|>assistant<|end_header_id|>\n\n")
+_LLAMA3_TURN = RULER_TEMPLATES["meta-llama3"].replace("{task_template}", "{prompt}")
 LONGBENCH_TEMPLATES = Reference(
     name="LongBench", key="longbench.chat_template", source="THUDM/LongBench pred.py, build_chat's llama2 string",
     placeholder="prompt",
