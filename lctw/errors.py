@@ -23,6 +23,17 @@ def named(key: str, message: str) -> str:
     return f"{key}: {message}"
 
 
+def check_lowest(cfg, table: dict) -> None:
+    """``table``: dotted key -> (lowest allowed, what the message adds, *other allowed values); a value of ``cfg``
+    below its lowest is refused, naming the key."""
+    from omegaconf import OmegaConf
+
+    for key, (lowest, note, *also) in table.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value < lowest and value not in also:
+            raise ConfigError(f"{key}={value} is out of range: allowed >= {lowest}{note}")
+
+
 def unknown_option(group: str, options, allowed) -> None:
     """A ValueError naming ``<group>.<key>`` for the first key of ``options`` that is not in ``allowed``."""
     unknown = sorted(set(options) - set(allowed))

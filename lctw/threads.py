@@ -124,7 +124,7 @@ def configure() -> Policy:
     if not {"-m", "--multirun"} & set(sys.argv):
         _register()
     busy = 0.0 if os.environ.get(THREADS) == "off" else _busy_cores(SAMPLE_S)
-    _policy = decide(_cores(), busy, len(_peers()), os.environ)
+    _policy = decide(cores(), busy, len(_peers()), os.environ)
     if "torch" in sys.modules:  # too late for OMP_*: record the wait policy the runtime read
         _policy = replace(_policy, wait=os.environ.get("OMP_WAIT_POLICY", "default").lower())
     else:
@@ -202,7 +202,8 @@ def _user_set(env) -> dict[str, str]:
     return {k: env[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in env and ours.get(k) != env[k]}
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

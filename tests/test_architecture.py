@@ -142,3 +142,8 @@ def test_every_folder_says_what_it_owns_and_what_it_may_import():
     for folder in (p for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
         doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
         assert "import" in doc.lower() and len(doc) > 200, folder.name
+
+
+def test_what_the_config_layer_uses_of_training_never_imports_it_back():
+    for name in ("lctw.training.trainer", "lctw.training.module"):
+        assert not {m for m in _reach(name) if m.startswith(("lctw.config", "lctw.training.experiment"))}, name

@@ -22,11 +22,10 @@ from typing import Any, Literal
 from omegaconf import DictConfig, OmegaConf
 
 from lctw.config.types import ConfigError, build, check_keys, target_of
-from lctw.errors import config_error
+from lctw.errors import check_lowest, config_error
 from lctw.method.kernels import KERNELS, check_loss
 from lctw.models import DTYPES
 from lctw.models.theta import check_model_path, resolve_device
-from lctw.runs.checkpoints import check_file
 from lctw.runs.jobs import run_token
 from lctw.training.trainer import accumulation, check_trainer, resolve_accumulation, slurm_tasks
 
@@ -47,7 +46,7 @@ TRAIN_KEYS = {"n": int, "N": int, "seed": int, "name": str | None, "chunk_size":
 EVAL_KEYS = {"ckpt": str, "gguf_file": str | None, "dtype": Literal[tuple(DTYPES)], "device": str, "n": int,
              "N": int, "seed": int, "name": str | None, "chunk_size": int | None}
 
-# Keys that no class of ours takes: the lowest value allowed, and what the message adds
+# Keys that no class of ours takes: the lowest value allowed, and what the message adds (lctw.errors.check_lowest)
 RANGES = {"chunk_size": (1, ", or null (the full logits)"), "checkpoint_every": (1, " (optimizer steps)"),
           "scheduler.num_training_steps": (1, " (the step where the schedule ends; it follows trainer.max_steps, "
                                               "so set one of them)"),
@@ -69,10 +68,7 @@ class Parts:
 
 def check_ranges(cfg: DictConfig) -> None:
     """:data:`RANGES`, and ``objective`` names a metric."""
-    for key, (lowest, note) in RANGES.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and value < lowest:
-            raise ConfigError(f"{key}={value} is out of range: allowed >= {lowest}{note}")
+    check_lowest(cfg, RANGES)
     if cfg.get("objective") is not None and not re.fullmatch(r"(val|train|eval)/\S+", cfg.objective):
         raise ConfigError(f"objective={cfg.objective} is not a metric name: allowed a key of metrics.json, e.g. "
                           "val/ce, val/ce_beyond_n, val/ppl, train/loss, eval/ruler/average/<length>")
@@ -115,6 +111,8 @@ def validate(cfg: DictConfig, for_cache: bool = False) -> Parts:
         with config_error("nonfinite"):
             check_nonfinite(cfg.nonfinite.policy, cfg.nonfinite.max_skipped)
     if cfg.get("ckpt_path") and cfg.ckpt_path != "last" and "://" not in cfg.ckpt_path:  # remote: Lightning reads it
+        from lctw.runs.checkpoints import check_file  # here: it brings Lightning
+
         check_file("ckpt_path", cfg.ckpt_path)
     weighting = build(cfg.weighting, "weighting")
     context = build(cfg.context, "context")

@@ -206,7 +206,9 @@ def _check_entry(node: DictConfig, name: str, full: str, annotation) -> None:
         return None
     if isinstance(value, (DictConfig, ListConfig)):
         value = OmegaConf.to_container(value, resolve=True)
-    return check_value(_source(node, name, full), value, annotation)
+    if not matches(value, annotation):  # the key it was set under only for the message
+        check_value(_source(node, name, full), value, annotation)
+    return None
 
 
 def _source(node: DictConfig, name: str, full: str) -> str:

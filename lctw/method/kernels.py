@@ -44,6 +44,7 @@ measures that on a GPU, at a 128k vocabulary, against stated tolerances):
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -205,6 +206,7 @@ def _fused_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
     return -nll.float()
 
 
+@functools.cache  # the installed release does not change: inspect it once, not at every chunk
 def _cce_exact(linear_cross_entropy, dtype: torch.dtype) -> tuple[dict, torch.dtype]:
     """(options, operand dtype) that make CCE accumulate the hidden states' gradient exactly, by what the
     installed release offers: the Kahan-summed ``impl="cce_exact"``, or the fp32 accumulation flags, or

@@ -20,7 +20,6 @@ from omegaconf import OmegaConf
 
 from lctw.errors import ConfigError
 from lctw.models.specs import is_local_path
-from lctw.runs.checkpoints import check_file
 
 THETA = "model"  # θ's attribute in the LightningModule, so its checkpoint keys start with "model."
 RUN_CONFIG = "lctw.yaml"  # the run's resolved config beside an exported θ
@@ -141,6 +140,8 @@ def check_model_path(key: str, value: str, gguf_file: str | None = None) -> None
             raise ConfigError(f"{key}={value!r} does not exist: give a run directory, a Lightning .ckpt or a "
                               "Hugging Face model (a local directory or a hub name org/name)")
         return
+    from lctw.runs.checkpoints import check_file  # here: it brings Lightning, which validation need not load
+
     if path.is_dir() and path.suffix == ".ckpt":  # a sharded checkpoint (trainer=fsdp)
         check_file(key, value)
         return

@@ -14,5 +14,7 @@
 * :mod:`.preemption`   SLURM's warning signal: every rank saves ``last.ckpt`` at the next step, then requeues.
 
 May import everything below it (method, models, data, cache, config, runs); nothing imports it except the
-entry points, :mod:`lctw.cache.fill` and :mod:`lctw.tools`.
+entry points, :mod:`lctw.cache.fill` and :mod:`lctw.tools`, and the config layer, which checks with the
+Trainer's own checks (:mod:`.trainer`) and the module's fault policy (:func:`.module.check_nonfinite`); those
+two import nothing of the config layer.
 """

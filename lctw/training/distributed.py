@@ -42,7 +42,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lctw.errors import ConfigError
 from lctw.models import DTYPES
-from lctw.training.trainer import ranks
+from lctw.training.trainer import is_fsdp2, ranks
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,7 @@ def receives_weights(trainer_cfg) -> bool:
     order of detection: SLURM's ``SLURM_PROCID`` inside an ``srun`` job, torchrun's ``RANK``
     only with torchrun's other variables, else the ``NODE_RANK`` and ``LOCAL_RANK`` Lightning gives the
     processes it starts (its first process on the first node has neither)."""
-    strategy = trainer_cfg.get("strategy") if trainer_cfg is not None else None
-    if not hasattr(strategy, "get") or strategy.get("_target_") != f"{__name__}.FSDP2Strategy":
+    if not is_fsdp2(trainer_cfg):
         return False
     try:
         alone = ranks(trainer_cfg.get("devices", "auto"), trainer_cfg.get("num_nodes", 1)) == 1

@@ -192,7 +192,7 @@ class TokenWeightingLM(L.LightningModule):
         logs = {"train/skipped_steps": float(self.skipped_steps)}
         scores = None if short_lp is None else self.weighting.scores(long_lp.detach(), short_lp) * mask
         if scores is not None:
-            logs["train/zero_score_rows"] = (scores.sum(-1) == 0).float().sum()
+            logs["train/zero_score_rows"] = (scores != 0).any(-1).logical_not().float().sum()  # LongCE's are signed
         stats = weight_stats(weights, mask, self.n)
         logs.update({f"train/{k}": v for k, v in stats.items()})
         if scores is not None:

@@ -16,17 +16,18 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lctw.errors import ConfigError
+from lctw.errors import ConfigError, check_lowest
+from lctw.threads import cores
 
 log = logging.getLogger(__name__)
 
-# Trainer values Lightning would refuse late, with the lowest allowed and what the message adds
-LOWEST = {"max_steps": (1, " (optimizer steps), or -1 (no step limit: trainer.max_epochs decides)"),
-          "accumulate_grad_batches": (1, ""), "check_val_every_n_epoch": (1, ""), "num_nodes": (1, ""),
-          "gradient_clip_val": (0, ", or null (no clipping)")}
+# Trainer values Lightning would refuse late: the lowest allowed, what the message adds, other allowed values
+LOWEST = {"trainer.max_steps": (1, " (optimizer steps), or -1 (no step limit: trainer.max_epochs decides)", -1),
+          "trainer.accumulate_grad_batches": (1, ""), "trainer.check_val_every_n_epoch": (1, ""),
+          "trainer.num_nodes": (1, ""), "trainer.gradient_clip_val": (0, ", or null (no clipping)")}
+FSDP2 = "lctw.training.distributed.FSDP2Strategy"
 _TIME = re.compile(r"\d+:\d+:\d+:\d+")  # Lightning's time-based val_check_interval, DD:HH:MM:SS
 
 
@@ -35,10 +36,7 @@ def check_trainer(cfg: DictConfig, machine: bool = True) -> None:
     devices against what torch sees here, the global batch and who starts the ranks (not for ``score.py``,
     which does not train)."""
     trainer = cfg.trainer
-    for key, (lowest, note) in LOWEST.items():
-        value = trainer.get(key)
-        if value is not None and value < lowest and not (key == "max_steps" and value == -1):
-            raise ConfigError(f"trainer.{key}={value} is out of range: allowed >= {lowest}{note}")
+    check_lowest(cfg, LOWEST)
     for key in ("limit_train_batches", "limit_val_batches"):
         if trainer.get(key) is not None:
             _batches(f"trainer.{key}", trainer[key])
@@ -56,14 +54,19 @@ def check_trainer(cfg: DictConfig, machine: bool = True) -> None:
             raise ConfigError(f"trainer.val_check_interval={interval} is a fraction of an epoch, which needs "
                               "trainer.check_val_every_n_epoch (it is null: val_check_interval counts training "
                               "batches); allowed an int >= 1 or a time 'DD:HH:MM:SS'")
-    strategy = trainer.get("strategy")
-    if cfg.get("eval") and isinstance(strategy, DictConfig) and "FSDP2Strategy" in strategy.get("_target_", ""):
+    if cfg.get("eval") and is_fsdp2(trainer):
         raise ConfigError("eval is not run inside a trainer=fsdp run (θ is sharded over the ranks): set eval=null "
                           "and evaluate the exported θ afterwards, python eval.py ckpt=<run dir> eval=<name>")
     if machine:
         _check_machine(trainer)
         _check_batch(cfg)
         check_launch(cfg)
+
+
+def is_fsdp2(trainer) -> bool:
+    """Whether a trainer node shards θ with :class:`lctw.training.distributed.FSDP2Strategy` (``trainer=fsdp``)."""
+    strategy = trainer.get("strategy") if trainer is not None else None
+    return hasattr(strategy, "get") and strategy.get("_target_") == FSDP2
 
 
 def _batches(key: str, value) -> None:
@@ -99,10 +102,10 @@ def _check_machine(trainer: DictConfig) -> None:
                               "'auto', or such a string ('2', '0,1')")
         devices = [int(p) for p in parts] if "," in devices else int(parts[0])
     if kind == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        if not isinstance(devices, int) or not 1 <= devices <= cores:
+        here = cores()
+        if not isinstance(devices, int) or not 1 <= devices <= here:
             raise ConfigError(f"trainer.devices={shown!r} is not allowed with accelerator={accelerator} on this "
-                              f"machine: allowed 1 … {cores} (processes on its {cores} CPU cores)")
+                              f"machine: allowed 1 … {here} (processes on its {here} CPU cores)")
     elif isinstance(devices, int) and devices != -1 and not 1 <= devices <= count:
         raise ConfigError(f"trainer.devices={shown} is out of range: torch sees {count} {kind} device(s) on "
                           f"this machine; allowed 1 … {count}, or -1 (all)")
@@ -220,6 +223,8 @@ def check_launch(cfg: DictConfig) -> None:
 def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks: list, plugins: list):
     """The run's Trainer: its checkpoints under ``<run_dir>/checkpoints`` unless a callback names a directory;
     logs the effective batch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     for cb in callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
             cb.dirpath = str(run_dir / "checkpoints")
