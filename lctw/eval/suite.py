@@ -38,7 +38,7 @@ class Ruler:
                  batch_size: int = 8, seed: int = 42, chat_template: Setting = "auto", data_dir: str | None = None,
                  fit: str = "exact"):
         from lctw.eval.ruler import TASKS
-        from lctw.eval.ruler.samples import FITS
+        from lctw.eval.ruler.samples import check_fit
 
         unknown = sorted(set(tasks or []) - set(TASKS))
         if unknown:
@@ -52,8 +52,7 @@ class Ruler:
             raise ValueError(f"batch_size={batch_size} is out of range: allowed >= 1")
         if not is_setting(chat_template):
             raise ValueError(allowed("chat_template", chat_template))
-        if fit not in FITS:
-            raise ValueError(f"fit={fit!r} is not allowed: choose one of {list(FITS)}")
+        check_fit(fit)
         self.fit = fit
         self.tasks, self.lengths, self.samples = list(tasks) if tasks else None, [int(x) for x in lengths], samples
         self.batch_size, self.seed, self.chat_template, self.data_dir = batch_size, seed, chat_template, data_dir

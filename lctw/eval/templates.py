@@ -58,6 +58,11 @@ def model_format(name: str | None) -> str | None:
     return "meta-llama3" if "instruct" in base or "chat" in base else BASE
 
 
+def model_name(model) -> str | None:
+    """The hub id or path a model was loaded from (its config's ``_name_or_path``), or None."""
+    return getattr(getattr(model, "config", None), "_name_or_path", None)
+
+
 def short_name(name: str | None) -> str:
     """``meta-llama/Llama-2-7b-chat-hf`` -> ``Llama-2-7b-chat-hf`` (a path's last part)."""
     return (name or "").rstrip("/").rpartition("/")[2]
@@ -86,6 +91,19 @@ class Reference:
     named: frozenset[str]  # the formats of the models the reference itself names
     # a format it names no model of: (prompt_format, why ``auto`` takes it for a model of that format)
     borrowed: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+    def template_of(self, setting: str | bool) -> str:
+        """A resolved setting's template (True: the tokenizer's, False: ``base``); an unknown name is refused."""
+        template = {True: TOKENIZER, False: BASE}.get(setting, setting)
+        if template != TOKENIZER and template not in self.templates:
+            raise ValueError(f"unknown {self.name} template {template!r}: choose one of "
+                             f"{[*self.templates, TOKENIZER]}")
+        return template
+
+    def check_chat(self, template: str, tokenizer) -> None:
+        """The tokenizer's chat template is asked for (``template`` is ``tokenizer``): it must have one."""
+        if template == TOKENIZER and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{self.key}=true but the tokenizer has no chat template")
 
     def wrap(self, template: str, prompt: str) -> str:
         """``prompt`` in one of this reference's templates."""

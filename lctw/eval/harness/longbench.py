@@ -37,10 +37,7 @@ def task_template(task: str, template: str | bool) -> str:
     """The template a task's prompts get: ``template`` for a chat task, ``base`` for the tasks ``pred.py``
     never wraps. ``template`` is a template name (``lctw.eval.templates``), or True (the tokenizer's chat
     template) / False (none)."""
-    template = {True: TOKENIZER, False: BASE}.get(template, template)
-    if template != TOKENIZER and template not in LONGBENCH_TEMPLATES.templates:
-        raise ValueError(f"unknown LongBench template {template!r}: choose one of "
-                         f"{[*LONGBENCH_TEMPLATES.templates, TOKENIZER]}")
+    template = LONGBENCH_TEMPLATES.template_of(template)
     return template if LONGBENCH_TASKS[longbench_base(task)].chat else BASE
 
 
@@ -56,9 +53,8 @@ def longbench_prompt(tokenizer, task: str, row: dict, max_length: int,
         half = max_length // 2
         prompt = (tokenizer.decode(ids[:half], skip_special_tokens=True)
                   + tokenizer.decode(ids[-half:], skip_special_tokens=True))
+    LONGBENCH_TEMPLATES.check_chat(template, tokenizer)
     if template == TOKENIZER:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("longbench.chat_template=true but the tokenizer has no chat template")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True)
     else:

@@ -25,7 +25,7 @@ from lctw.eval.harness.tasks import (
     longbench_budget,
     longbench_category,
 )
-from lctw.eval.templates import BASE, TOKENIZER, Setting
+from lctw.eval.templates import BASE, TOKENIZER, Setting, model_name
 
 
 def _import_lm_eval():
@@ -49,8 +49,7 @@ def resolve_longbench_template(setting: bool | str, tokenizer, model=None) -> tu
     Llama 3's chat format without a system block for an instruct Llama 3 (LongBench v1 names none), and
     for other models the tokenizer's chat template when it has one. The model is recognised by its
     config's ``_name_or_path``, then by the tokenizer's ``name_or_path``."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    return LONGBENCH_TEMPLATES.resolve(setting, tokenizer, name)
+    return LONGBENCH_TEMPLATES.resolve(setting, tokenizer, model_name(model))
 
 
 def run_harness(

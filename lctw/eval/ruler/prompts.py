@@ -11,8 +11,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lctw.eval.ruler.templates import RULER, TEMPLATES, TOKENIZER
+from lctw.eval.ruler.templates import RULER
 from lctw.eval.ruler_sources import RulerError
+from lctw.eval.templates import TOKENIZER
 
 
 @dataclass
@@ -40,10 +41,8 @@ class Prompter:
     counts its tokens."""
 
     def __init__(self, tokenizer, template: str):
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown prompt template {template!r}: choose one of {list(TEMPLATES)}")
-        if template == TOKENIZER and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat_template=True but the tokenizer has no chat template")
+        template = RULER.template_of(template)
+        RULER.check_chat(template, tokenizer)
         self.tokenizer = tokenizer
         self.template = template
         # BOS exactly once: added by the tokenizer unless the wrapper writes it as text

@@ -15,10 +15,11 @@ from typing import Any
 from lctw.eval.generate import left_padded
 from lctw.eval.metrics import METRICS, postprocess_pred
 from lctw.eval.ruler.prompts import encode_prompt
-from lctw.eval.ruler.samples import FIT_UPSTREAM, generate_samples
+from lctw.eval.ruler.samples import FIT_UPSTREAM, check_fit, generate_samples
 from lctw.eval.ruler.tasks import TASKS
-from lctw.eval.ruler.templates import describe, resolve_template
+from lctw.eval.ruler.templates import RULER
 from lctw.eval.ruler_sources import RulerError
+from lctw.eval.templates import model_name
 
 
 def _generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
@@ -76,11 +77,9 @@ def run_ruler(
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise KeyError(f"unknown RULER tasks {unknown}")
-    if fit not in FIT_UPSTREAM:
-        raise ValueError(f"fit={fit!r} is not allowed: choose one of {list(FIT_UPSTREAM)}")
-    model_name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    template, reason = resolve_template(chat_template, tokenizer, model_name)
-    prompt_format = describe(template)
+    check_fit(fit)
+    template, reason = RULER.resolve(chat_template, tokenizer, model_name(model))
+    prompt_format = RULER.describe(template)
     print(f"RULER prompt format: {prompt_format} (chat_template={chat_template}: {reason}); "
           f"haystack fit: {fit}, as {FIT_UPSTREAM[fit]}")
     results: dict[str, Any] = {

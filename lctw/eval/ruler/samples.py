@@ -37,17 +37,21 @@ from pathlib import Path
 from lctw.eval.ruler.generators import make_generator
 from lctw.eval.ruler.prompts import Prompter, clone_rng, search_units
 from lctw.eval.ruler.tasks import TASKS
-from lctw.eval.ruler.templates import TOKENIZER
 from lctw.eval.ruler_sources import RulerError
 
-FITS = ("exact", "reference")
 # Which NVIDIA/RULER generator a fit sizes haystacks like, recorded with every result (config.fit_upstream).
 FIT_UPSTREAM = {
-    "reference": "NVIDIA/RULER before June 2025 (fixed-step haystack search): the sizing of the RULER paper's "
-                 "tables and its public leaderboard; compare with those",
     "exact": "NVIDIA/RULER since June 2025 (binary haystack search for niah, qa, vt and cwe): the largest haystack "
              "that fits; not the sizing of the RULER paper or its leaderboard (use fit=reference for those)",
+    "reference": "NVIDIA/RULER before June 2025 (fixed-step haystack search): the sizing of the RULER paper's "
+                 "tables and its public leaderboard; compare with those",
 }
+FITS = tuple(FIT_UPSTREAM)
+
+
+def check_fit(fit: str) -> None:
+    if fit not in FITS:
+        raise ValueError(f"fit={fit!r} is not allowed: choose one of {list(FITS)}")
 
 
 def sample_seed(seed: int, task: str, length: int) -> int:
@@ -79,11 +83,9 @@ def generate_samples(
     """
     if task not in TASKS:
         raise KeyError(f"unknown RULER task {task!r}; choose from {sorted(TASKS)}")
-    if fit not in FITS:
-        raise ValueError(f"fit={fit!r} is not allowed: choose one of {list(FITS)}")
+    check_fit(fit)
     spec = TASKS[task]
-    template = {True: TOKENIZER, False: "base"}.get(chat_template, chat_template)
-    prompter = Prompter(tokenizer, template)
+    prompter = Prompter(tokenizer, chat_template)
     rng = random.Random(sample_seed(seed, task, length))
     gen = make_generator(spec, length, seed, data_dir)
     gen.prepare(prompter, rng)
@@ -102,7 +104,7 @@ def generate_samples(
                 "target_length": length,
                 "num_units": n,
                 "add_special_tokens": prompter.add_special_tokens,
-                "template": template,
+                "template": prompter.template,
             }
         )
     return samples
