@@ -57,8 +57,9 @@ def children_cpu_s() -> float:
 
 def launch(script: str, args: list[str], env: dict, log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
-    out = open(log, "w")
-    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "w") as out:  # the child keeps its own handle
+        return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
 def measure(commands: list[tuple], env: dict, logs: Path) -> dict:
@@ -74,6 +75,9 @@ def measure(commands: list[tuple], env: dict, logs: Path) -> dict:
         for name, proc in list(procs.items()):
             if proc.poll() is not None:
                 if proc.returncode != 0:
+                    for other in procs.values():  # no run left behind to load the next measurement
+                        other.kill()
+                        other.wait()
                     raise SystemExit(f"{name} failed (exit {proc.returncode}): see {logs / f'{name}.log'}")
                 seconds[name] = round(time.monotonic() - started[name], 2)
                 del procs[name]

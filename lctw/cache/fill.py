@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from lctw.cache import cache_dir, fill_command
 from lctw.cache.fingerprint import fingerprint
 from lctw.cache.store import CacheDamaged, ScoreCache, row_checksum
+from lctw.errors import config_error
 from lctw.method.scorers import FixedScorer
 from lctw.models.theta import resolve_device
 
@@ -42,7 +43,6 @@ def check_options(batch_size=8, shard_rows=256, limit=None, device="auto") -> to
 def fill_cache(cfg: DictConfig) -> Path:
     """``score.py``: θ' log-probs of the train split into the cache this configuration asks for."""
     from lctw.config import build, validate
-    from lctw.errors import config_error
 
     opts = cfg.get("score") or {}
     options = {"batch_size": opts.get("batch_size", 8), "shard_rows": opts.get("shard_rows", 256),

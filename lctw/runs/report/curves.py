@@ -67,12 +67,8 @@ def curve_plot(table: pd.DataFrame, points: dict[str, list[tuple[int, str]]], me
         steps = [s for s, _ in points[metric]]
         for config, row in table.iterrows():
             mean = [row.get(f"{p} mean", math.nan) for _, p in points[metric]]
-            std = [0.0 if not math.isfinite(row.get(f"{p} std", math.nan)) else row[f"{p} std"]
-                   for _, p in points[metric]]
-            style = _style(str(config))
-            ax.plot(steps, mean, marker="o", markersize=3, label=_legend(str(config)), **style)
-            ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
-                            [m + s for m, s in zip(mean, std, strict=True)], color=style["color"], alpha=0.12)
+            std = [row.get(f"{p} std", math.nan) for _, p in points[metric]]
+            _band(ax, steps, mean, std, str(config), alpha=0.12, label=_legend(str(config)))
         ax.set_xlabel("training step (2 × 512 tokens each)" if "beyond" in metric or "N" in metric else "training step")
         ax.set_ylabel(metric.removeprefix("eval/"))
         ax.set_title(_title(metric), fontsize=10)
@@ -82,6 +78,15 @@ def curve_plot(table: pd.DataFrame, points: dict[str, list[tuple[int, str]]], me
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("learning curves: mean ± std over seeds", fontsize=11)
     return save_figure(fig, out / name)
+
+
+def _band(ax, steps, mean, std, config: str, alpha: float, label: str | None = None) -> None:
+    """One configuration's line with a band of ± std around it (no band where the std is not finite)."""
+    std = [x if math.isfinite(x) else 0.0 for x in std]
+    style = _style(config)
+    ax.plot(steps, mean, marker="o", markersize=3, label=label, **style)
+    ax.fill_between(steps, [m - x for m, x in zip(mean, std, strict=True)],
+                    [m + x for m, x in zip(mean, std, strict=True)], color=style["color"], alpha=alpha)
 
 
 def headline_plot(table: pd.DataFrame, pairs: pd.DataFrame, points: dict[str, list[tuple[int, str]]], gain: str,
@@ -102,13 +107,9 @@ def headline_plot(table: pd.DataFrame, pairs: pd.DataFrame, points: dict[str, li
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     steps = [s for s, _ in points[gain]]
     for config, row in table.iterrows():
-        style = _style(str(config))
         mean = [row.get(f"{p} mean", math.nan) for _, p in points[gain]]
         std = [row.get(f"{p} std", math.nan) for _, p in points[gain]]
-        std = [0.0 if not math.isfinite(x) else x for x in std]
-        left.plot(steps, mean, marker="o", markersize=3, label=_legend(str(config)), **style)
-        left.fill_between(steps, [m - x for m, x in zip(mean, std, strict=True)],
-                          [m + x for m, x in zip(mean, std, strict=True)], color=style["color"], alpha=0.1)
+        _band(left, steps, mean, std, str(config), alpha=0.1, label=_legend(str(config)))
     right.axhline(0, color="black", linewidth=2.5, label="uniform")
     cost_steps = [s for s, _ in points[cost]]
     for config in dict.fromkeys(pairs["configuration"]):
@@ -116,11 +117,8 @@ def headline_plot(table: pd.DataFrame, pairs: pd.DataFrame, points: dict[str, li
         if any(r.empty for r in rows):
             continue
         mean = [float(r["diff mean"].iloc[0]) for r in rows]
-        std = [float(r["diff std"].iloc[0]) if math.isfinite(r["diff std"].iloc[0]) else 0.0 for r in rows]
-        style = _style(str(config))
-        right.plot(cost_steps, mean, marker="o", markersize=3, **style)
-        right.fill_between(cost_steps, [m - x for m, x in zip(mean, std, strict=True)],
-                           [m + x for m, x in zip(mean, std, strict=True)], color=style["color"], alpha=0.1)
+        std = [float(r["diff std"].iloc[0]) for r in rows]
+        _band(right, cost_steps, mean, std, str(config), alpha=0.1)
     left.set_title(_title(gain), fontsize=10)
     left.set_ylabel(gain.removeprefix("eval/"))
     right.set_title(_title(cost) + ", minus uniform's (same seed)", fontsize=10)
