@@ -8,7 +8,7 @@ from conftest import tiny_llama
 
 from lctw.data import collate
 from lctw.method.scoring import model_logprobs
-from lctw.method.weighting import Sparse, weight_stats
+from lctw.method.weighting import Sparse, score_stats, weight_stats
 from lctw.training.module import TokenWeightingLM
 
 
@@ -91,3 +91,12 @@ def test_theta0_is_a_frozen_submodule_left_out_of_checkpoints_unless_asked(save)
     # resuming: the θ0 keys a checkpoint left out are taken from the scorer as set up; strict loading passes
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=True)
+
+
+def test_score_stats_count_rows_whose_scores_are_all_zero():
+    """LongCE's scores are signed: a row holding +0.5 and -0.5 sums to zero but is not a row without scores;
+    masked targets count nowhere."""
+    scores = torch.tensor([[0.5, -0.5, 0.0], [0.0, 0.0, 7.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]]).bool()
+    s = {k: float(v) for k, v in score_stats(scores, mask).items()}
+    assert s == pytest.approx({"zero_score_rows": 2, "score_mean": 0.0})

@@ -153,6 +153,14 @@ class NPMI(PPMI):
         return (short_lp - long_lp - math.log(self.shift)).clamp_min(0.0)
 
 
+def score_stats(scores: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Diagnostics of a weighting's scores over valid targets: their mean, and the rows where every score is
+    zero (dense gives them uniform weights; LongCE's scores are signed, so a row that sums to zero need not be)."""
+    scores = scores * mask
+    return {"zero_score_rows": (scores != 0).any(-1).logical_not().float().sum(),
+            "score_mean": scores.sum() / mask.sum().clamp_min(1)}
+
+
 def weight_stats(weights: Tensor, mask: Tensor, n: int) -> dict[str, Tensor]:
     """Diagnostics of the weights over valid targets (per sequence where the spec normalises per sequence):
     mean, std, max, the fraction at zero, ESS = (Σw)²/Σw²/M, and the weight mass on targets beyond n."""

@@ -18,7 +18,8 @@ because it is loaded from the spec, not extended).
 
 Logged: ``train/loss`` (weighted), ``train/ce`` (unweighted), weight diagnostics (``train/weight_std``,
 ``weight_max``, ``weight_zero_frac``, ``weight_ess`` = (Σw)²/Σw²/M, ``weight_mass_beyond_n``:
-:func:`lctw.method.weighting.weight_stats`; ``score_mean``, the mean of the weighting's own scores s_i),
+:func:`lctw.method.weighting.weight_stats`; ``score_mean``, the mean of the weighting's own scores s_i, and
+``zero_score_rows``: :func:`~lctw.method.weighting.score_stats`),
 ``train/tokens_per_s``; validation ``val/ce``, ``val/ppl`` and the CE split at position n,
 ``val/ce_within_n`` / ``val/ce_beyond_n`` (targets with at most / more than n tokens before them),
 where context extension shows. ``training_step`` returns the loss together with the step's scores, weights
@@ -49,7 +50,7 @@ from torchmetrics.aggregation import MeanMetric
 from lctw.method.kernels import weighted_loss
 from lctw.method.scorers import NoScorer, Scorer
 from lctw.method.scoring import model_logprobs
-from lctw.method.weighting import Uniform, Weighting, weight_stats
+from lctw.method.weighting import Uniform, Weighting, score_stats, weight_stats
 from lctw.training.distributed import local
 
 log = logging.getLogger(__name__)
@@ -191,12 +192,10 @@ class TokenWeightingLM(L.LightningModule):
         self._window = self._window.to(loss.device) + torch.stack([loss.detach(), ce, mask.sum().float()])
         logs = {"train/skipped_steps": float(self.skipped_steps)}
         scores = None if short_lp is None else self.weighting.scores(long_lp.detach(), short_lp) * mask
-        if scores is not None:
-            logs["train/zero_score_rows"] = (scores != 0).any(-1).logical_not().float().sum()  # LongCE's are signed
         stats = weight_stats(weights, mask, self.n)
         logs.update({f"train/{k}": v for k, v in stats.items()})
         if scores is not None:
-            logs["train/score_mean"] = scores.sum() / mask.sum().clamp_min(1)
+            logs.update({f"train/{k}": v for k, v in score_stats(scores, mask).items()})
         if self._trainer is not None and self.trainer.optimizers:
             logs["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log_dict(logs, on_step=True, prog_bar=False, batch_size=ids.shape[0])
